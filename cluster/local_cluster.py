@@ -1,0 +1,167 @@
+"""A real multi-node Ray cluster on one host: a head plus extra raylets, each its own node.
+
+Used by `raylm cluster up|down|status` for development and by the test suite. Every process is found
+through the cluster's own temp dir, so `down` stops exactly this cluster's processes and nothing else
+(never `ray stop`, which kills every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+# Token auth stays on: every node and every client of a raylm-started cluster must present the token.
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+
+STATE_FILE = Path(os.environ.get("RAYLM_STATE_DIR", Path.home() / ".raylm")) / "local-cluster.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    found = Path(sys.executable).with_name("ray")
+    return str(found) if found.exists() else (shutil.which("ray") or "ray")
+
+
+@dataclass
+class LocalCluster:
+    """Handle on a head and its extra nodes; serialisable so another process can stop it."""
+
+    temp_dir: str
+    gcs_port: int
+    dashboard_port: int
+    nodes: list[dict] = field(default_factory=list)  # {"name", "pids"} per extra node
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, num_cpus: int = 4, dashboard: bool = True, resources: dict | None = None) -> LocalCluster:
+        """Start a head node on free ports (so several clusters can coexist on one host)."""
+        # Unix socket paths are limited to ~107 bytes: keep the temp dir short.
+        temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")
+        cluster = cls(temp_dir=temp_dir, gcs_port=free_port(), dashboard_port=free_port())
+        cmd = [
+            _ray_bin(), "start", "--head",
+            f"--port={cluster.gcs_port}",
+            f"--num-cpus={num_cpus}",
+            f"--temp-dir={temp_dir}",
+            f"--include-dashboard={'true' if dashboard else 'false'}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={cluster.dashboard_port}",
+            *cls._port_flags(),
+            "--disable-usage-stats",
+        ]
+        if resources:
+            cmd.append(f"--resources={json.dumps(resources)}")
+        cluster._run(cmd)
+        return cluster
+
+    @staticmethod
+    def _port_flags() -> list[str]:
+        # Fixed defaults (10001, 52365, ...) would collide between clusters on one host.
+        return [
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+        ]
+
+    def add_node(self, num_cpus: int = 2, resources: dict | None = None, name: str | None = None) -> dict:
+        """Start one more raylet joined to the head: a separate node with its own object store."""
+        before = {p.pid for p in self._processes()}
+        cmd = [
+            _ray_bin(), "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
+            *self._port_flags(), "--disable-usage-stats",
+        ]
+        if resources:
+            cmd.append(f"--resources={json.dumps(resources)}")
+        # Extra nodes inherit the head's temp dir from the GCS; the marker env var lets us find them.
+        self._run(cmd)
+        time.sleep(1.0)
+        new = sorted(p.pid for p in self._processes() if p.pid not in before)
+        node = {"name": name or f"node{len(self.nodes) + 1}", "pids": new}
+        self.nodes.append(node)
+        return node
+
+    def remove_node(self, node: dict, sig: int = signal.SIGKILL) -> None:
+        """Kill one extra node's processes (a node failure, from Ray's point of view)."""
+        for pid in node["pids"]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        self.nodes = [n for n in self.nodes if n is not node and n["name"] != node["name"]]
+
+    def down(self) -> int:
+        """Stop every process of this cluster; returns how many were signalled."""
+        procs = self._processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return len(procs)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _processes(self) -> list[psutil.Process]:
+        """Processes whose command line names this cluster's temp dir or GCS port."""
+        marks = (self.temp_dir, f":{self.gcs_port}")
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmdline = " ".join(p.info["cmdline"] or [])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if p.pid != os.getpid() and any(m in cmdline for m in marks):
+                found.append(p)
+        return found
+
+    def _run(self, cmd: list[str]) -> None:
+        env = {**os.environ, **AUTH_ENV}
+        env.pop("RAY_ADDRESS", None)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+
+    # ---- persistence for the CLI ------------------------------------------------------------------
+    def save(self, path: Path = STATE_FILE) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path = STATE_FILE) -> LocalCluster | None:
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))

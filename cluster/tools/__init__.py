@@ -1,0 +1,1 @@
+"""Developer tooling that the project installs for itself (e.g. the helm binary for chart tests)."""

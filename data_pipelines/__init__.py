@@ -1,0 +1,1 @@
+"""Corpus → cleaned documents → tokenizer → packed token blocks, on Ray Data."""

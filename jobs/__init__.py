@@ -1,0 +1,1 @@
+"""Ray Train + DeepSpeed jobs: pretraining, fine-tuning, evaluation and export."""

@@ -1,0 +1,40 @@
+"""Typed configuration of the `serve` section (owned here); fields map one-to-one onto Ray Serve options."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServeConfig(BaseModel):
+    """How a model folder is served: engine, autoscaling, backpressure, auth and request limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str | None = Field(None, description="HF folder to serve (default: this run's export)")
+    model_name: str | None = Field(None, description="name in /v1/models (default: folder name)")
+    engine: Literal["hf", "vllm"] = "hf"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(10, ge=0)
+    downscale_delay_s: float = Field(60, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(128, ge=-1, description="-1 = unbounded")
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20, ge=0)
+    num_cpus_per_replica: float = Field(1, gt=0)
+    num_gpus_per_replica: float = Field(0, ge=0)
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together per step")
+    api_keys_env: str = Field("RAYLM_API_KEYS", description="env var holding comma-separated API keys")
+    api_key_file: str | None = Field(None, description="file with one API key per line")
+    require_api_key: bool = Field(True, description="false only for local experiments")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_n: int = Field(8, ge=1)
+    max_stop_sequences: int = Field(4, ge=0)
