@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster.k8s_config import K8sConfig
 from data_pipelines.config import DataConfig, TokenizerConfig
 from jobs.config import EvalConfig, FinetuneConfig, ModelConfig, TrainConfig
 from serve.config import ServeConfig
@@ -55,6 +56,7 @@ class RunConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    k8s: K8sConfig = Field(default_factory=K8sConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named sections, used to tell whether a stage's output is current."""

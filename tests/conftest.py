@@ -6,9 +6,12 @@ subprocesses join the same cluster through RAY_ADDRESS.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cluster.local_cluster import AUTH_ENV, LocalCluster
@@ -17,12 +20,36 @@ REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+OWNER_FILE = "raylm-test-owner.json"
+
+
+def _reap_orphaned_test_clusters() -> None:
+    """Stop test clusters whose pytest process died without its teardown (killed by a timeout)."""
+    for owner in Path("/tmp").glob(f"rl*/{OWNER_FILE}"):
+        try:
+            info = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            continue
+        if not psutil.pid_exists(info.pop("owner_pid")):
+            LocalCluster(**info).down()
+
+
+def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    # `timeout` and CI runners send SIGTERM; turning it into KeyboardInterrupt lets fixtures tear down.
+    raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
+    _reap_orphaned_test_clusters()
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     os.environ.update(AUTH_ENV)
     cluster = LocalCluster.start(num_cpus=8, dashboard=True)
+    owner = {"owner_pid": os.getpid(), "temp_dir": cluster.temp_dir, "gcs_port": cluster.gcs_port,
+             "dashboard_port": cluster.dashboard_port}
+    (Path(cluster.temp_dir) / OWNER_FILE).write_text(json.dumps(owner))
     os.environ["RAY_ADDRESS"] = cluster.address
     ray.init(address=cluster.address, log_to_driver=False)
     try:
