@@ -43,6 +43,9 @@ class DataConfig(BaseModel):
     )
     shards_dir: str | None = Field(None, description="Parquet token shards (default: <run>/data/shards)")
     tokenize_batch_size: int = Field(256, ge=1, description="documents per map_batches call")
+    tokenize_tasks: int = Field(
+        0, ge=0, le=1024, description="concurrent tokenize tasks; 0 = half the cluster's logical CPUs (1..8)"
+    )
 
     @model_validator(mode="after")
     def _lengths_ordered(self) -> DataConfig:

@@ -1,0 +1,281 @@
+"""Corpus reading: list input files (local paths, globs, directories, pyarrow URIs) and turn each into
+raw documents, defensively.
+
+Ray's own `read_json`/`read_text` raise on the first bad line or invalid UTF-8, and a run must never
+crash on broken input, so files are listed here and read by our own Ray Data UDF: every record that
+cannot become a document is emitted with a drop reason (counted downstream) instead of text. Files are
+streamed in 1 MiB chunks and a record longer than the size bound is skipped without being held, so a
+single 100 MB line costs neither a crash nor 100 MB of memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from data_pipelines.config import DataConfig
+
+_FORMATS = {
+    ".txt": "txt",
+    ".text": "txt",
+    ".md": "txt",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+}
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+_CHUNK_BYTES = 1 << 20
+_OUT_DOCS = 2048  # documents per emitted table
+_OUT_BYTES = 8 << 20  # or this much text, whichever comes first
+_PARAGRAPH_BREAK = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
+_NEWLINE = re.compile(rb"\n")
+RAW_SCHEMA = pa.schema([("text", pa.large_string()), ("reason", pa.string()), ("bytes", pa.int64())])
+
+
+class CorpusNotFoundError(FileNotFoundError):
+    """A configured path matched no readable corpus file."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str  # a local absolute path, or scheme://path for other filesystems
+    format: str
+    size: int
+    mtime_ns: int
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, prefix that turns a path back into a reopenable URI)."""
+    if "://" in path:
+        scheme = path.split("://", 1)[0]
+        fs, inner = pafs.FileSystem.from_uri(path)
+        if scheme == "file":
+            return fs, inner, "file://"
+        return fs, inner, f"{scheme}://"
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), ""
+
+
+def open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    fs, inner, _ = _resolve(uri)
+    return fs, inner
+
+
+def format_of(name: str, forced: str) -> str | None:
+    if forced != "auto":
+        return forced
+    stem = name
+    for suffix in _COMPRESSED:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return _FORMATS.get(os.path.splitext(stem)[1].lower())
+
+
+def _visible(path: str) -> bool:
+    return not any(part.startswith((".", "_")) for part in path.split("/") if part)
+
+
+def list_inputs(paths: list[str], forced_format: str = "auto") -> list[InputFile]:
+    """Every corpus file the configured paths name, in a stable (sorted) order.
+
+    A directory contributes its visible files whose format is known (any file when the format is
+    forced); a glob (`*`, `?`, `[`) is matched against the full path; a path that matches nothing is an
+    error, since silently training on less data than configured is worse than stopping.
+    """
+    found: dict[str, InputFile] = {}
+    for raw in paths:
+        fs, inner, prefix = _resolve(raw)
+        if any(c in inner for c in "*?["):
+            base = inner
+            while any(c in base for c in "*?["):
+                base = base.rsplit("/", 1)[0] or "/"
+            infos = [
+                i
+                for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, inner)
+            ]
+        else:
+            info = fs.get_file_info(inner)
+            if info.type == pafs.FileType.Directory:
+                infos = [
+                    i
+                    for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+                    if i.type == pafs.FileType.File and _visible(i.path[len(inner) :])
+                ]
+            elif info.type == pafs.FileType.File:
+                infos = [info]
+                if format_of(info.path, forced_format) is None:
+                    raise CorpusNotFoundError(
+                        f"{raw}: unknown corpus format (use .txt, .jsonl or .parquet, or set data.format)"
+                    )
+            else:
+                raise CorpusNotFoundError(f"{raw}: no such file or directory")
+        matched = 0
+        for i in infos:
+            fmt = format_of(i.path, forced_format)
+            if fmt is None:
+                continue
+            uri = prefix + i.path
+            found[uri] = InputFile(uri, fmt, int(i.size or 0), int(i.mtime_ns or 0))
+            matched += 1
+        if not matched:
+            raise CorpusNotFoundError(f"{raw}: matched no .txt, .jsonl or .parquet file")
+    return [found[k] for k in sorted(found)]
+
+
+def _records(stream, delimiter: re.Pattern[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """Split a byte stream at `delimiter`; a record longer than `max_bytes` is skipped and yields None."""
+    buf = b""
+    skipping = False
+    keep = 64  # bytes kept while skipping, so a delimiter that straddles two chunks is still found
+    while True:
+        chunk = stream.read(_CHUNK_BYTES)
+        if not chunk:
+            break
+        buf += chunk
+        pos = 0
+        for m in delimiter.finditer(buf):
+            if skipping:
+                yield None
+                skipping = False
+            else:
+                yield buf[pos : m.start()]
+            pos = m.end()
+        buf = buf[pos:]
+        if len(buf) > max_bytes:
+            skipping = True
+            buf = buf[-keep:]
+    if skipping:
+        yield None
+    elif buf:
+        yield buf
+
+
+class _Out:
+    """Accumulates (text, reason, bytes) rows and hands them out as Arrow tables of bounded size."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reason: list[str] = []
+        self.nbytes: list[int] = []
+        self.pending = 0
+
+    def add(self, text: str, reason: str, nbytes: int) -> pa.Table | None:
+        self.text.append(text)
+        self.reason.append(reason)
+        self.nbytes.append(nbytes)
+        self.pending += len(text)
+        if len(self.text) >= _OUT_DOCS or self.pending >= _OUT_BYTES:
+            return self.flush()
+        return None
+
+    def flush(self) -> pa.Table | None:
+        if not self.text:
+            return None
+        table = pa.table([self.text, self.reason, self.nbytes], schema=RAW_SCHEMA)
+        self.text, self.reason, self.nbytes, self.pending = [], [], [], 0
+        return table
+
+
+def _decode(data: bytes) -> tuple[str, str]:
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return "", "invalid_utf8"
+
+
+def _txt_docs(stream, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
+    # A char is at most 4 UTF-8 bytes, so a longer record certainly exceeds max_chars.
+    max_bytes = 4 * cfg.max_chars
+    delimiter = _PARAGRAPH_BREAK if cfg.txt_document == "paragraph" else re.compile(rb"(?!)")
+    for rec in _records(stream, delimiter, max_bytes):
+        if rec is None:
+            yield "", "too_long", 0
+            continue
+        if cfg.txt_document == "paragraph" and not rec.strip():
+            continue  # leading/trailing blank space of a file is not a paragraph
+        text, reason = _decode(rec)
+        yield text, reason, len(rec)
+
+
+def _jsonl_docs(stream, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
+    # JSON escapes (\uXXXX) take up to 6 bytes per char; other fields add some more.
+    max_bytes = 8 * cfg.max_chars + (1 << 20)
+    for rec in _records(stream, _NEWLINE, max_bytes):
+        if rec is None:
+            yield "", "too_long", 0
+            continue
+        if not rec.strip():
+            continue  # blank lines separate nothing in jsonl
+        line, reason = _decode(rec)
+        if reason:
+            yield "", reason, len(rec)
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            yield "", "invalid_json", len(rec)
+            continue
+        value = obj.get(cfg.text_field) if isinstance(obj, dict) else None
+        if value is None:
+            yield "", "missing_field", len(rec)
+        elif not isinstance(value, str):
+            yield "", "non_string_field", len(rec)
+        else:
+            yield value, "", len(value.encode("utf-8"))
+
+
+def _parquet_docs(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        if cfg.text_field not in pf.schema_arrow.names:
+            for _ in range(pf.metadata.num_rows):
+                yield "", "missing_field", 0
+            return
+        kind = pf.schema_arrow.field(cfg.text_field).type
+        for batch in pf.iter_batches(batch_size=1024, columns=[cfg.text_field]):
+            for value in batch.column(0).to_pylist():
+                if value is None:
+                    yield "", "missing_field", 0
+                elif isinstance(value, bytes) and (
+                    pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+                ):
+                    text, reason = _decode(value)
+                    yield text, reason, len(value)
+                elif not isinstance(value, str):
+                    yield "", "non_string_field", 0
+                else:
+                    yield value, "", len(value.encode("utf-8"))
+
+
+def read_file_docs(uri: str, fmt: str, cfg: DataConfig) -> Iterator[pa.Table]:
+    """Raw documents of one file as Arrow tables (text, reason, bytes); never raises on bad content."""
+    fs, path = open_uri(uri)
+    out = _Out()
+    if fmt == "parquet":
+        docs = _parquet_docs(fs, path, cfg)
+        for text, reason, nbytes in docs:
+            if (table := out.add(text, reason, nbytes)) is not None:
+                yield table
+    else:
+        with fs.open_input_stream(path, compression="detect") as stream:
+            docs = _txt_docs(stream, cfg) if fmt == "txt" else _jsonl_docs(stream, cfg)
+            for text, reason, nbytes in docs:
+                if (table := out.add(text, reason, nbytes)) is not None:
+                    yield table
+    if (table := out.flush()) is not None:
+        yield table
+
+
+def read_files_udf(batch: pa.Table, cfg: DataConfig) -> Iterator[pa.Table]:
+    """Ray Data map_batches UDF: rows of (uri, format) → raw document tables."""
+    for uri, fmt in zip(batch.column("uri").to_pylist(), batch.column("format").to_pylist(), strict=True):
+        yield from read_file_docs(uri, fmt, cfg)
