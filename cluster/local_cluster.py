@@ -7,6 +7,7 @@ through the cluster's own temp dir, so `down` stops exactly this cluster's proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +25,14 @@ import psutil
 # Token auth stays on: every node and every client of a raylm-started cluster must present the token.
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 
+_START_ATTEMPTS = 3
+
 STATE_FILE = Path(os.environ.get("RAYLM_STATE_DIR", Path.home() / ".raylm")) / "local-cluster.json"
+
+
+def state_file() -> Path:
+    """Where `raylm cluster up` records its cluster, read from RAYLM_STATE_DIR at call time (tests set it)."""
+    return Path(os.environ.get("RAYLM_STATE_DIR", Path.home() / ".raylm")) / "local-cluster.json"
 
 
 def free_port() -> int:
@@ -58,7 +66,21 @@ class LocalCluster:
     # ---- lifecycle -------------------------------------------------------------------------------
     @classmethod
     def start(cls, num_cpus: int = 4, dashboard: bool = True, resources: dict | None = None) -> LocalCluster:
-        """Start a head node on free ports (so several clusters can coexist on one host)."""
+        """Start a head node on free ports (so several clusters can coexist on one host).
+
+        Ray gives a new raylet a fixed 30 s to register with the GCS; on an overloaded host that window
+        can pass, so that one failure is retried (the half-started head is stopped first).
+        """
+        for _ in range(_START_ATTEMPTS - 1):
+            try:
+                return cls._start_once(num_cpus, dashboard, resources)
+            except RuntimeError as exc:
+                if "timed out during startup" not in str(exc):
+                    raise
+        return cls._start_once(num_cpus, dashboard, resources)
+
+    @classmethod
+    def _start_once(cls, num_cpus: int, dashboard: bool, resources: dict | None) -> LocalCluster:
         # Unix socket paths are limited to ~107 bytes: keep the temp dir short.
         temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")
         cluster = cls(temp_dir=temp_dir, gcs_port=free_port(), dashboard_port=free_port())
@@ -75,7 +97,12 @@ class LocalCluster:
         ]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
-        cluster._run(cmd)
+        try:
+            cluster._run(cmd)
+        except BaseException:
+            # A head that timed out during startup may have left a GCS, raylet or dashboard running.
+            cluster.down()
+            raise
         return cluster
 
     @staticmethod
@@ -101,7 +128,15 @@ class LocalCluster:
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
         # Extra nodes inherit the head's temp dir from the GCS; the marker env var lets us find them.
-        self._run(cmd)
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                self._run(cmd)
+                break
+            except RuntimeError as exc:
+                # Same fixed 30 s registration window as the head: stop the half-started raylet, retry.
+                self._kill_all(p for p in self._processes() if p.pid not in before)
+                if "timed out during startup" not in str(exc) or attempt == _START_ATTEMPTS:
+                    raise
         time.sleep(1.0)
         new = sorted(p.pid for p in self._processes() if p.pid not in before)
         node = {"name": name or f"node{len(self.nodes) + 1}", "pids": new}
@@ -111,28 +146,36 @@ class LocalCluster:
     def remove_node(self, node: dict, sig: int = signal.SIGKILL) -> None:
         """Kill one extra node's processes (a node failure, from Ray's point of view)."""
         for pid in node["pids"]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         self.nodes = [n for n in self.nodes if n is not node and n["name"] != node["name"]]
 
     def down(self) -> int:
         """Stop every process of this cluster; returns how many were signalled."""
-        procs = self._processes()
+        stopped = self._kill_all(self._processes())
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return stopped
+
+    @staticmethod
+    def _kill_all(processes) -> int:
+        """SIGTERM, wait up to 10 s, then SIGKILL the rest; returns how many were signalled."""
+        procs = list(processes)
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
-            except psutil.NoSuchProcess:
-                pass
         _, alive = psutil.wait_procs(procs, timeout=10)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
         return len(procs)
+
+    def pids(self) -> list[int]:
+        """Process ids of this cluster's live processes (head, extra raylets, their workers)."""
+        return sorted(p.pid for p in self._processes())
+
+    def is_up(self) -> bool:
+        """Whether any process of this cluster is still running (a stale state file says nothing)."""
+        return bool(self._processes())
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _processes(self) -> list[psutil.Process]:
@@ -151,9 +194,12 @@ class LocalCluster:
     def _run(self, cmd: list[str]) -> None:
         env = {**os.environ, **AUTH_ENV}
         env.pop("RAY_ADDRESS", None)
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        # Ray waits 60 s for the dashboard by default; a loaded 2-core host can need longer.
+        env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:3])} failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+            output = f"{res.stdout[-2000:]}{res.stderr[-2000:]}"
+            raise RuntimeError(f"{' '.join(cmd[:3])} failed ({res.returncode}):\n{output}")
 
     # ---- persistence for the CLI ------------------------------------------------------------------
     def save(self, path: Path = STATE_FILE) -> None:

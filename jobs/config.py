@@ -33,11 +33,15 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional CPUs leave room for Ray Data tasks")
     gpus_per_worker: float = Field(1.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: cores/workers)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker (default: cores / workers on the node)"
+    )
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload_optimizer: bool = False
     offload_params: bool = False
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
     micro_batch_size: int = Field(8, ge=1, description="blocks per worker per micro step")
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0)
@@ -59,15 +63,55 @@ class TrainConfig(BaseModel):
 
 
 class FinetuneConfig(BaseModel):
-    """Supervised fine-tuning on prompt/response pairs (see jobs/finetune.py)."""
+    """Supervised fine-tuning on prompt/response pairs (see jobs/finetune.py).
+
+    Scaling and engine settings not named here (workers, ZeRO stage, precision, clipping, betas,
+    checkpoints kept, failures) are taken from the `train` section, so one cluster setup serves both.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    paths: list[str] = Field(default_factory=list, description="jsonl pairs or chat messages; empty = demo pairs")
-    base: str | None = Field(None, description="HF folder or raylm run to start from; default = this run's export")
-    method: Literal["full", "lora"] = "full"
+    paths: list[str] = Field(
+        default_factory=list, description="jsonl pairs or chat messages; empty = demo pairs"
+    )
+    eval_paths: list[str] = Field(
+        default_factory=list, description="held-out jsonl pairs for validation loss; empty = demo held-out"
+    )
+    base: str | None = Field(
+        None, description="HF folder or raylm run folder to start from; default = this run's pretrained model"
+    )
+    task: Literal["causal", "seq2seq"] = Field(
+        "causal", description="decoder LM on chat turns, or encoder-decoder (T5-style) on input -> output"
+    )
+    seq2seq_model: dict[str, Any] = Field(
+        default_factory=lambda: {"model_type": "t5", "d_model": 128, "d_ff": 256, "num_layers": 2,
+                                 "num_heads": 4, "d_kv": 32},
+        description="transformers config of a fresh encoder-decoder (task=seq2seq and base unset)",
+    )
+    method: Literal["full", "lora"] = Field("full", description="train all weights, or LoRA adapters (peft)")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names LoRA wraps (Llama attention projections by default)",
+    )
     max_steps: int = Field(150, ge=1)
     lr: float = Field(5e-4, gt=0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(8, ge=1, description="rows per worker per micro step")
+    grad_accum_steps: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=8, description="tokens per training row (source tokens for seq2seq)")
+    max_target_len: int = Field(64, ge=2, description="seq2seq only: decoder tokens per row")
+    packing: bool = Field(True, description="pack several examples per row (else one example, padded)")
+    num_workers: int | None = Field(None, ge=1, description="Ray Train workers; default = train.num_workers")
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 0
 
 
 class EvalConfig(BaseModel):
@@ -75,6 +119,16 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    paths: list[str] = Field(
+        default_factory=list, description="held-out jsonl prompt/response pairs; empty = demo held-out pairs"
+    )
+    text_paths: list[str] = Field(
+        default_factory=list,
+        description="held-out text (.txt, .jsonl, .parquet) for perplexity; empty = data validation split",
+    )
     max_examples: int = Field(64, ge=1)
     max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1, description="prompts decoded together")
+    max_ppl_tokens: int = Field(32_768, ge=16, description="held-out tokens scored for perplexity")
+    num_samples: int = Field(4, ge=0, description="sample generations shown in the report")
     min_exact_match: float | None = Field(None, ge=0, le=1, description="deploy gate; None = no gate")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ServeConfig(BaseModel):
@@ -23,6 +23,9 @@ class ServeConfig(BaseModel):
     target_ongoing_requests: float = Field(8, gt=0)
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(60, ge=0)
+    autoscaling_look_back_period_s: float = Field(
+        30, gt=0, description="window over which Serve averages ongoing requests for autoscaling"
+    )
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(128, ge=-1, description="-1 = unbounded")
     health_check_period_s: float = Field(10, gt=0)
@@ -30,6 +33,13 @@ class ServeConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
     num_cpus_per_replica: float = Field(1, gt=0)
     num_gpus_per_replica: float = Field(0, ge=0)
+    torch_threads_per_replica: int | None = Field(
+        None, ge=1, description="intra-op threads of a model replica (default: its num_cpus, at least 1)"
+    )
+    ingress_replicas: int = Field(
+        1, ge=1, description="HTTP ingress replicas (light: tokenize, route, stream)"
+    )
+    ingress_num_cpus: float = Field(0.25, ge=0, description="logical CPUs reserved per ingress replica")
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together per step")
     api_keys_env: str = Field("RAYLM_API_KEYS", description="env var holding comma-separated API keys")
     api_key_file: str | None = Field(None, description="file with one API key per line")
@@ -38,3 +48,16 @@ class ServeConfig(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_n: int = Field(8, ge=1)
     max_stop_sequences: int = Field(4, ge=0)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_limit(cls, v: int) -> int:
+        if v == 0:  # Ray Serve rejects 0 at deploy time; fail here, before any work starts
+            raise ValueError("must be -1 (unbounded) or a positive integer")
+        return v
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        return self

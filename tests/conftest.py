@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+# Ray reads RAY_AUTH_MODE when it is first imported: set it before any test module imports ray.
+os.environ.update(AUTH_ENV)
+
 OWNER_FILE = "raylm-test-owner.json"
 
 
@@ -45,14 +48,13 @@ def ray_cluster():
 
     _reap_orphaned_test_clusters()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    os.environ.update(AUTH_ENV)
     cluster = LocalCluster.start(num_cpus=8, dashboard=True)
     owner = {"owner_pid": os.getpid(), "temp_dir": cluster.temp_dir, "gcs_port": cluster.gcs_port,
              "dashboard_port": cluster.dashboard_port}
     (Path(cluster.temp_dir) / OWNER_FILE).write_text(json.dumps(owner))
     os.environ["RAY_ADDRESS"] = cluster.address
-    ray.init(address=cluster.address, log_to_driver=False)
     try:
+        ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
     finally:
         try:

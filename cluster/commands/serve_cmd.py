@@ -1,0 +1,87 @@
+"""`raylm serve MODEL_DIR | run.yaml`: the OpenAI-compatible endpoint on the embedded or joined Ray.
+
+Blocks until Ctrl-C (or SIGTERM), then deletes the app: Serve drains in-flight streams for up to
+`serve.graceful_shutdown_timeout_s` before the replicas stop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cluster.commands._common import SetOpt, console, fail, load_or_exit
+from cluster.config import RunConfig
+
+APP_NAME = "raylm"
+
+Target = Annotated[
+    Path,
+    typer.Argument(help="a Hugging Face model folder, or a run YAML (serves serve.model_path or its export)"),
+]
+
+
+def resolve(target: Path, overrides: list[str] | None) -> tuple[RunConfig, Path]:
+    """(config, model folder) for a folder argument or a run file."""
+    if target.is_dir():
+        return load_or_exit(None, overrides), target
+    cfg = load_or_exit(target, overrides)
+    if cfg.serve.model_path:
+        return cfg, Path(cfg.serve.model_path)
+    for name in ("finetuned", "pretrained"):
+        folder = Path(cfg.run_dir()) / "export" / name
+        if (folder / "config.json").is_file():
+            return cfg, folder
+    fail(f"nothing to serve: serve.model_path is unset and {cfg.run_dir()}/export has no exported model")
+
+
+def serve_command(target: Target, set_: SetOpt = None) -> None:
+    """Serve MODEL_DIR (or the model of run.yaml) at /v1/completions, /v1/chat/completions, /v1/models."""
+    cfg, folder = resolve(target, set_)
+    if not (folder / "config.json").is_file():
+        fail(f"{folder} is not a Hugging Face model folder (no config.json)")
+
+    import ray
+    from ray import serve
+
+    from cluster.local_ray import ensure_ray
+    from serve.app import build_app
+
+    try:
+        app = build_app({"model_path": str(folder), "serve": cfg.serve.model_dump(mode="json")})
+    except ValueError as exc:
+        fail(str(exc))
+    embedded = not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    ensure_ray(cfg.cluster)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    with console.status(f"deploying {folder} (model replicas load the weights)..."):
+        serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
+    http = serve.context._get_global_client().http_config  # the proxy that runs, if Serve was already up
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    base = f"http://{host}:{http.port}{cfg.serve.route_prefix.rstrip('/')}"
+    model = cfg.serve.model_name or folder.name
+    console.print(f"[green]serving[/] {model} at [bold]{base}/v1[/]  (Ctrl-C to stop)", highlight=False)
+    if not cfg.serve.require_api_key:
+        console.print("[yellow]warning:[/] API keys are not required (serve.require_api_key=false)")
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    console.print("shutting down: draining in-flight requests...")
+    serve.delete(APP_NAME)
+    if embedded:
+        serve.shutdown()
+        ray.shutdown()
+    console.print("[green]stopped[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)

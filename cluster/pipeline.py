@@ -1,0 +1,489 @@
+"""`raylm pipeline run.yaml`: corpus → tokenizer → token shards → pretrain → fine-tune → evaluate → export →
+deploy on Ray Serve → smoke requests through the `openai` client, in one run folder.
+
+Each cached stage records what it was computed from in `<run>/stages/<stage>.json`: a key hashed
+from the config sections it reads plus the key and finish time of the stage before it. A stage whose
+record matches and whose output still exists is skipped, so a rerun continues where the last one
+stopped, and a config change re-runs the stage that reads the changed section and every stage after
+it. (The records sit together in `stages/` rather than inside each output folder because the
+training loop owns its stage folders and clears them when a fresh run starts.) A training stage that
+was interrupted resumes from its newest complete checkpoint instead of starting over.
+
+Between evaluation and deploy sits the gate: with `eval.min_exact_match` set, a model that scores
+below it is not deployed and the command exits non-zero. Every run ends by writing `report.md`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cluster.config import RunConfig
+
+STAGES_DIR = "stages"
+SERVE_APP_NAME = "raylm"
+EXIT_GATE = 3
+
+# Config fields that never change a stage's output: the gate only decides whether to deploy.
+HASH_EXCLUDE: dict[str, set[str]] = {"eval": {"min_exact_match"}}
+
+
+class PipelineError(RuntimeError):
+    """A stage failed in a way the user can act on; the message says which stage and why."""
+
+
+class GateError(PipelineError):
+    """The evaluation gate stopped the deploy."""
+
+
+# ---- stage records -----------------------------------------------------------------------------------
+def sections_hash(cfg: RunConfig, sections: tuple[str, ...]) -> str:
+    """`RunConfig.section_hash` over `sections`, minus the fields in HASH_EXCLUDE."""
+    payload = {
+        name: getattr(cfg, name).model_dump(mode="json", exclude=HASH_EXCLUDE.get(name)) for name in sections
+    }
+    if not any(HASH_EXCLUDE.get(name) for name in sections):
+        return cfg.section_hash(*sections)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    key: str
+    status: str  # "running" | "done"
+    started_unix_s: float
+    finished_unix_s: float | None = None
+    seconds: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> StageRecord | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2, sort_keys=True))
+        tmp.replace(path)
+
+
+@dataclass
+class Stage:
+    """One cached step: what it reads, what it produces, how to run it.
+
+    `run(cfg, resume)` returns a small JSON-able dict kept in the record (paths, counts);
+    `resume` is True only for a resumable stage whose previous attempt, with the same key, stopped
+    part-way.
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    output: Callable[[RunConfig], Path]
+    run: Callable[[RunConfig, bool], dict[str, Any] | None]
+    train_dir: str | None = None  # training stages: folder of checkpoints under the run
+    applies: Callable[[RunConfig], bool] = lambda cfg: True
+    why_not: str = ""
+
+
+@dataclass
+class Outcome:
+    stage: str
+    status: str  # "ran" | "skipped" | "n/a" | "failed"
+    seconds: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Runs cached stages in order, skipping the ones whose record and output are current."""
+
+    def __init__(self, cfg: RunConfig, stages: list[Stage], console: Console | None = None):
+        self.cfg, self.stages = cfg, stages
+        self.console = console or Console()
+        self.run_dir = Path(cfg.run_dir())
+        self.outcomes: list[Outcome] = []
+
+    def record_path(self, stage: Stage) -> Path:
+        return self.run_dir / STAGES_DIR / f"{stage.name}.json"
+
+    def _key(self, stage: Stage, upstream: str) -> str:
+        payload = {
+            "stage": stage.name,
+            "config": sections_hash(self.cfg, stage.sections),
+            "upstream": upstream,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _has_checkpoints(self, stage: Stage) -> bool:
+        return bool(stage.train_dir) and any((self.run_dir / stage.train_dir).glob("checkpoint_*"))
+
+    def run(self) -> list[Outcome]:
+        upstream = ""
+        for stage in self.stages:
+            if not stage.applies(self.cfg):
+                self.outcomes.append(Outcome(stage.name, "n/a", detail={"why": stage.why_not}))
+                self.console.print(f"[dim]- {stage.name}: not needed ({stage.why_not})[/]")
+                continue
+            key = self._key(stage, upstream)
+            path = self.record_path(stage)
+            record = StageRecord.load(path)
+            current = record is not None and record.key == key
+            if current and record.status == "done" and stage.output(self.cfg).exists():
+                self.outcomes.append(Outcome(stage.name, "skipped", record.seconds or 0.0, record.detail))
+                self.console.print(
+                    f"[green]✓ {stage.name}[/]: up to date, skipped ({stage.output(self.cfg)})"
+                )
+                upstream = f"{key}@{record.finished_unix_s}"
+                continue
+            resume = current and record.status == "running" and self._has_checkpoints(stage)
+            if not resume and self._has_checkpoints(stage):
+                self.console.print(
+                    f"[yellow]{stage.name}: discarding checkpoints of an earlier configuration[/]"
+                )
+                shutil.rmtree(self.run_dir / stage.train_dir)
+            verb = "resuming" if resume else "running"
+            self.console.rule(f"[bold]{stage.name}[/] · {verb}")
+            record = StageRecord(stage.name, key, "running", time.time())
+            record.save(path)
+            started = time.perf_counter()
+            try:
+                detail = stage.run(self.cfg, resume) or {}
+            except Exception:
+                self.outcomes.append(Outcome(stage.name, "failed", time.perf_counter() - started))
+                raise
+            record.status, record.finished_unix_s = "done", time.time()
+            record.seconds = round(time.perf_counter() - started, 1)
+            record.detail = detail
+            record.save(path)
+            self.outcomes.append(Outcome(stage.name, "ran", record.seconds, detail))
+            self.console.print(f"[green]✓ {stage.name}[/]: done in {record.seconds:.0f} s")
+            upstream = f"{key}@{record.finished_unix_s}"
+        return self.outcomes
+
+
+# ---- the stages --------------------------------------------------------------------------------------
+def _run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir())
+
+
+def _data_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    from data_pipelines.pipeline import resolve_corpus
+
+    data, files = resolve_corpus(cfg.data, cfg.run_dir())
+    summary = {
+        "inputs": [f.uri for f in files][:20],
+        "num_inputs": len(files),
+        "bytes": sum(f.size for f in files),
+        "demo": not cfg.data.paths,
+    }
+    out = _run_dir(cfg) / "data" / "inputs.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _tokenizer_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    from data_pipelines.pipeline import ensure_tokenizer, resolve_corpus
+    from data_pipelines.tokenizer import load_tokenizer
+
+    data, files = resolve_corpus(cfg.data, cfg.run_dir())
+    path = ensure_tokenizer(data, cfg.tokenizer, cfg.run_dir(), files)
+    return {"path": str(path), "vocab_size": len(load_tokenizer(path))}
+
+
+def _shards_manifest(cfg: RunConfig) -> Path:
+    from data_pipelines.pipeline import shards_dir_of
+
+    return Path(shards_dir_of(cfg.data, cfg.run_dir())) / "manifest.json"
+
+
+def _tokens_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    from data_pipelines.pipeline import prepare
+    from data_pipelines.stats import CorpusStats
+
+    manifest = prepare(cfg.data, cfg.tokenizer, cfg.run_dir())
+    Console().print(CorpusStats.from_dict(manifest["stats"]).table())
+    return {"manifest": str(_shards_manifest(cfg)), "splits": manifest["splits"]}
+
+
+def _pretrain_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    from jobs.pretrain import run
+
+    result = run(cfg, resume=resume)
+    return {"export": str(result.export_dir), "checkpoint": str(result.checkpoint)}
+
+
+def _finetune_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    from jobs.finetune import run
+
+    return {"export": str(run(cfg, resume=resume))}
+
+
+def _eval_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    from jobs.evaluate import run
+
+    results = run(cfg)
+    return {
+        name: {k: r[k] for k in ("exact_match", "token_f1") if k in r}
+        for name, r in results["models"].items()
+    }
+
+
+def export_dir(cfg: RunConfig, name: str) -> Path:
+    return _run_dir(cfg) / "export" / name
+
+
+def default_stages() -> list[Stage]:
+    """The pipeline's cached stages, in order, with the config sections each one reads."""
+    return [
+        Stage("data", ("data",), lambda c: _run_dir(c) / "data" / "inputs.json", _data_stage),
+        Stage(
+            "tokenizer",
+            ("tokenizer",),
+            lambda c: _run_dir(c) / "tokenizer" / "tokenizer.json",
+            _tokenizer_stage,
+        ),
+        Stage(
+            "tokens",
+            (),
+            _shards_manifest,
+            _tokens_stage,
+            applies=lambda c: c.data.mode == "materialize",
+            why_not="data.mode is stream: pretraining tokenizes",
+        ),
+        Stage(
+            "pretrain",
+            ("model", "train"),
+            lambda c: export_dir(c, "pretrained") / "config.json",
+            _pretrain_stage,
+            train_dir="pretrain",
+        ),
+        Stage(
+            "finetune",
+            ("finetune",),
+            lambda c: export_dir(c, "finetuned") / "config.json",
+            _finetune_stage,
+            train_dir="finetune",
+        ),
+        Stage("eval", ("eval",), lambda c: _run_dir(c) / "eval" / "results.json", _eval_stage),
+    ]
+
+
+# ---- gate, export, deploy, smoke ---------------------------------------------------------------------
+def deploy_model(cfg: RunConfig) -> tuple[str, Path]:
+    """(name, folder) of the model to serve: `serve.model_path`, else the fine-tuned, else the pretrained."""
+    if cfg.serve.model_path:
+        return "configured", Path(cfg.serve.model_path)
+    for name in ("finetuned", "pretrained"):
+        if (export_dir(cfg, name) / "config.json").is_file():
+            return name, export_dir(cfg, name)
+    raise PipelineError(f"nothing to deploy: no exported model under {_run_dir(cfg) / 'export'}")
+
+
+def check_gate(cfg: RunConfig, model_name: str) -> str:
+    """Raise GateError when the deployed model's exact match is below `eval.min_exact_match`."""
+    threshold = cfg.eval.min_exact_match
+    if threshold is None:
+        return "no gate (eval.min_exact_match unset)"
+    results_file = _run_dir(cfg) / "eval" / "results.json"
+    results = json.loads(results_file.read_text())["models"]
+    if model_name not in results:
+        raise GateError(f"evaluation gate: no evaluation of the {model_name} model in {results_file}")
+    em = results[model_name]["exact_match"]
+    if not em >= threshold:
+        raise GateError(
+            f"evaluation gate: the {model_name} model's exact match {em:.3f} is below eval.min_exact_match "
+            f"{threshold:.3f}; not deploying (see {results_file.with_suffix('.md')})"
+        )
+    return f"passed: exact match {em:.3f} >= {threshold:.3f}"
+
+
+def verify_export(folder: Path) -> dict[str, Any]:
+    """The folder is a loadable HF model: config, safetensors weights, tokenizer."""
+    from transformers import AutoConfig
+
+    missing = [
+        f for f in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (folder / f).is_file()
+    ]
+    weights = sorted(p.name for p in folder.glob("*.safetensors"))
+    if missing or not weights:
+        raise PipelineError(f"export {folder} is incomplete: missing {missing or ['*.safetensors']}")
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    return {"path": str(folder), "model_type": config.model_type, "weights": weights}
+
+
+@dataclass
+class Endpoint:
+    base_url: str
+    model: str
+    api_key: str | None
+    key_source: str
+
+
+def resolve_api_key(cfg: RunConfig, console: Console) -> tuple[str | None, str]:
+    """The key clients should use. A configured key is used as is and never printed; with none
+    configured, one is generated for this local deploy, saved 0600 in the run folder and shown once."""
+    from serve.auth import load_key_digests
+
+    if not cfg.serve.require_api_key:
+        return None, "none (serve.require_api_key is false)"
+    if load_key_digests(cfg.serve):
+        source = (
+            f"${cfg.serve.api_keys_env}" if os.environ.get(cfg.serve.api_keys_env) else cfg.serve.api_key_file
+        )
+        first = [k.strip() for k in os.environ.get(cfg.serve.api_keys_env, "").split(",") if k.strip()]
+        if not first and cfg.serve.api_key_file:
+            lines = Path(cfg.serve.api_key_file).expanduser().read_text().splitlines()
+            first = [k.strip() for k in lines if k.strip() and not k.startswith("#")]
+        return first[0], f"configured ({source})"
+    key = "rlm-" + secrets.token_urlsafe(24)
+    key_file = _run_dir(cfg) / "serve" / "api_key"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    os.environ[cfg.serve.api_keys_env] = key  # build_app reads the keys here, in the driver
+    console.print(
+        f"[bold]generated an API key[/] for this local deploy (saved to {key_file}, mode 600):\n"
+        f"  export OPENAI_API_KEY=$(cat {key_file})"
+    )
+    return key, f"generated ({key_file})"
+
+
+def deploy(cfg: RunConfig, folder: Path, console: Console) -> Endpoint:
+    """Run the OpenAI-compatible Serve app on `folder` and wait until it answers."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    key, source = resolve_api_key(cfg, console)
+    section = cfg.serve.model_dump(mode="json") | {"model_path": str(folder)}
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    app = build_app({"model_path": str(folder), "serve": section})
+    with console.status(f"deploying {folder} on Ray Serve (replicas load the weights)"):
+        serve.run(app, name=SERVE_APP_NAME, route_prefix=cfg.serve.route_prefix)
+    http = serve.context._get_global_client().http_config  # the proxy that runs, if Serve was already up
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    base = f"http://{host}:{http.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
+    return Endpoint(base, cfg.serve.model_name or folder.name, key, source)
+
+
+def smoke_requests(endpoint: Endpoint, questions: list[str], max_tokens: int) -> list[dict[str, str]]:
+    """Ask the endpoint through the official `openai` client, as any user would."""
+    from openai import OpenAI
+
+    client = OpenAI(
+        base_url=endpoint.base_url, api_key=endpoint.api_key or "unused", max_retries=2, timeout=120
+    )
+    served = [m.id for m in client.models.list().data]
+    model = endpoint.model if endpoint.model in served else served[0]
+    answers = []
+    for q in questions:
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens, temperature=0
+        )
+        answers.append({"question": q, "answer": reply.choices[0].message.content or ""})
+    return answers
+
+
+def smoke_questions(cfg: RunConfig, n: int = 3) -> list[str]:
+    from jobs.evaluate import eval_pair_paths
+    from jobs.sft_data import load_records, pair_of
+
+    records = load_records(eval_pair_paths(cfg))
+    step = max(1, len(records) // n)
+    return [pair_of(r)[0][-1]["content"] for r in records[::step][:n]]
+
+
+# ---- the command -------------------------------------------------------------------------------------
+@dataclass
+class PipelineResult:
+    outcomes: list[Outcome]
+    endpoint: Endpoint | None = None
+    answers: list[dict[str, str]] = field(default_factory=list)
+    gate: str = ""
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+def with_absolute_storage(cfg: RunConfig) -> RunConfig:
+    """The config with a local `cluster.storage_path` made absolute: Ray workers run in other folders,
+    so every path a stage hands them (tokenizer, base model, run folder) must not depend on the cwd."""
+    storage = cfg.cluster.storage_path
+    if "://" in storage:
+        return cfg
+    cluster = cfg.cluster.model_copy(update={"storage_path": str(Path(storage).expanduser().resolve())})
+    return cfg.model_copy(update={"cluster": cluster})
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    stages: list[Stage] | None = None,
+    deploy_model_fn: Callable[[RunConfig, Path, Console], Endpoint] = deploy,
+    console: Console | None = None,
+) -> PipelineResult:
+    """Every stage, the gate, the deploy and the smoke requests; the report is written in any case."""
+    from cluster.local_ray import ensure_ray
+    from cluster.report import write_report
+
+    console = console or Console()
+    started = time.perf_counter()
+    cfg = with_absolute_storage(cfg)
+    ensure_ray(cfg.cluster)
+    quiet_data_progress()
+    pipeline = Pipeline(cfg, stages if stages is not None else default_stages(), console)
+    result = PipelineResult(pipeline.outcomes)
+    try:
+        pipeline.run()
+        name, folder = deploy_model(cfg)
+        result.gate = check_gate(cfg, name)
+        console.print(f"[green]✓ gate[/]: {result.gate}")
+        detail = verify_export(folder)
+        pipeline.outcomes.append(Outcome("export", "ran", 0.0, detail))
+        console.print(f"[green]✓ export[/]: serving {folder}")
+        result.endpoint = deploy_model_fn(cfg, folder, console)
+        pipeline.outcomes.append(Outcome("deploy", "ran", 0.0, {"base_url": result.endpoint.base_url}))
+        result.answers = smoke_requests(result.endpoint, smoke_questions(cfg), cfg.eval.max_new_tokens)
+        pipeline.outcomes.append(Outcome("smoke", "ran", 0.0, {"requests": len(result.answers)}))
+    except GateError as exc:
+        result.gate = str(exc)
+        raise
+    finally:
+        result.seconds = round(time.perf_counter() - started, 1)
+        result.report = write_report(cfg, result)
+        console.print(f"report: [bold]{result.report}[/]")
+    return result
+
+
+def quiet_data_progress() -> None:
+    """Ray Data's per-operator progress (bars, or log lines when stdout is not a terminal) would bury
+    the stage summaries; the stages print their own."""
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def outcome_table(outcomes: list[Outcome]) -> Table:
+    table = Table(title="pipeline", header_style="bold")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    for o in outcomes:
+        table.add_row(o.stage, o.status, f"{o.seconds:.0f}" if o.status == "ran" and o.seconds else "")
+    return table

@@ -1,0 +1,74 @@
+"""The one place that turns the typed `train` section into a DeepSpeed config and an LR schedule.
+
+Pretraining and fine-tuning both go through here, so precision, ZeRO stage, offload, batch
+arithmetic and the optimizer choice can be reasoned about (and tested) in one spot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from jobs.config import TrainConfig
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """`auto` means bf16 on GPU (fast, no loss scaling) and fp32 on CPU (where bf16 matmuls are slow)."""
+    if cfg.precision == "auto":
+        return "bf16" if cfg.use_gpu else "fp32"
+    return cfg.precision
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config dict for `world_size` workers (LR schedule is separate: see `lr_lambda`)."""
+    precision = resolve_precision(cfg)
+    offloading = cfg.offload_optimizer or cfg.offload_params
+    if cfg.offload_params and cfg.zero_stage != 3:
+        raise ValueError(f"train.offload_params needs train.zero_stage 3 (got {cfg.zero_stage})")
+    if cfg.offload_optimizer and cfg.zero_stage == 0:
+        raise ValueError("train.offload_optimizer needs train.zero_stage 1, 2 or 3 (got 0)")
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    if cfg.zero_stage == 3:
+        # Export consolidates the fp32 shards offline (zero_to_fp32), so no 16-bit gather at save time.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    optimizer_params: dict[str, Any] = {
+        "lr": cfg.lr,
+        "betas": list(cfg.betas),
+        "eps": 1e-8,
+        "weight_decay": cfg.weight_decay,
+    }
+    if not offloading and not cfg.use_gpu:
+        # torch.optim.AdamW: DeepSpeed's FusedAdam/CPUAdam would need a C++ op build on CPU-only hosts.
+        optimizer_params["torch_adam"] = True
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of `train.lr` at optimizer step s: linear warmup, then cosine down to `min_lr_ratio`."""
+    warmup, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
