@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -64,8 +65,14 @@ class RunConfig(BaseModel):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> str:
-        """Folder holding every artefact of this run (a local path or a URI)."""
-        return f"{self.cluster.storage_path.rstrip('/')}/{self.cluster.run_name}"
+        """Folder holding every artefact of this run: a URI, or an absolute local path.
+
+        Absolute because Ray workers do not share the driver's working directory.
+        """
+        storage = self.cluster.storage_path.rstrip("/")
+        if "://" not in storage:
+            storage = os.path.abspath(storage)
+        return f"{storage}/{self.cluster.run_name}"
 
 
 class ConfigError(Exception):
