@@ -15,7 +15,7 @@ import cluster.commands
 
 app = typer.Typer(
     name="raylm",
-    help="raylm: from a raw text corpus to a trained language model behind an OpenAI-compatible endpoint, on Ray.",
+    help="raylm: from a raw text corpus to a trained LM behind an OpenAI-compatible endpoint, on Ray.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -37,9 +37,13 @@ class ClusterConfig(BaseModel):
     )
     storage_path: str = Field("runs", description="run folders and checkpoints: local path or pyarrow URI")
     run_name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    auth_token_file: str | None = Field(None, description="Ray auth token file (default: RAY_AUTH_TOKEN or ~/.ray)")
+    auth_token_file: str | None = Field(
+        None, description="Ray auth token file (default: RAY_AUTH_TOKEN or ~/.ray)"
+    )
     pip: list[str] = Field(default_factory=list, description="runtime_env pip packages for submitted jobs")
-    env_vars: dict[str, str] = Field(default_factory=dict, description="runtime_env env vars for submitted jobs")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="runtime_env env vars for submitted jobs"
+    )
     entrypoint_num_cpus: float = Field(0, ge=0)
     entrypoint_num_gpus: float = Field(0, ge=0)
 
@@ -155,7 +159,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections ({', '.join(RunConfig.model_fields)})")
+            raise ConfigError(
+                f"{p}: top level must be a mapping of sections ({', '.join(RunConfig.model_fields)})"
+            )
         tree = loaded
     for key, value in parse_overrides(overrides):
         _set_dotted(tree, key, value)
@@ -168,4 +174,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: RunConfig) -> str:
     """The resolved configuration, defaults included, as YAML."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-

@@ -49,8 +49,12 @@ def ray_cluster():
     _reap_orphaned_test_clusters()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     cluster = LocalCluster.start(num_cpus=8, dashboard=True)
-    owner = {"owner_pid": os.getpid(), "temp_dir": cluster.temp_dir, "gcs_port": cluster.gcs_port,
-             "dashboard_port": cluster.dashboard_port}
+    owner = {
+        "owner_pid": os.getpid(),
+        "temp_dir": cluster.temp_dir,
+        "gcs_port": cluster.gcs_port,
+        "dashboard_port": cluster.dashboard_port,
+    }
     (Path(cluster.temp_dir) / OWNER_FILE).write_text(json.dumps(owner))
     os.environ["RAY_ADDRESS"] = cluster.address
     try:

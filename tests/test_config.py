@@ -77,7 +77,9 @@ def test_every_shipped_config_validates(path: Path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_validate_exit_code_2_without_traceback(tmp_path: Path) -> None:
