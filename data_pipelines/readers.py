@@ -235,7 +235,11 @@ def _jsonl_docs(stream, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
 
 def _parquet_docs(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError):  # not a Parquet file (corrupt, truncated): count, go on
+            yield "", "unreadable_file", 0
+            return
         if cfg.text_field not in pf.schema_arrow.names:
             for _ in range(pf.metadata.num_rows):
                 yield "", "missing_field", 0

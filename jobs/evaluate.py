@@ -106,7 +106,7 @@ def load_model(folder: str | Path) -> tuple[Any, Any]:
 
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32)
     return model.eval(), load_tokenizer(folder)
 
 

@@ -57,7 +57,9 @@ def hf_config(
 def build_model(config: PretrainedConfig, init_from: str | None = None) -> torch.nn.Module:
     """A fresh model from `config`, or the weights of `init_from`; call inside `zero.Init` for ZeRO-3."""
     if init_from:
-        return AutoModelForCausalLM.from_pretrained(init_from, local_files_only=True, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            init_from, local_files_only=True, use_safetensors=True, dtype=torch.float32
+        )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 

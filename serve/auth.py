@@ -24,8 +24,9 @@ def load_key_digests(cfg: ServeConfig) -> list[str]:
     keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",")]
     if cfg.api_key_file:
         path = Path(cfg.api_key_file).expanduser()
-        if path.is_file():
-            keys += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        if not path.is_file():
+            raise ValueError(f"serve.api_key_file {path} does not exist")  # a typo must not pass silently
+        keys += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     return sorted({digest(k) for k in keys if k and not k.startswith("#")})
 
 

@@ -60,7 +60,9 @@ class LLMServer:
         auto = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
         # fp32 on CPU: exact padding math and no near-tie flips between batch sizes.
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.model = auto.from_pretrained(model_path, dtype=dtype, local_files_only=True).eval()
+        self.model = auto.from_pretrained(
+            model_path, dtype=dtype, local_files_only=True, use_safetensors=True  # never unpickle weights
+        ).eval()
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, config))

@@ -31,9 +31,14 @@ def prepare_cmd(
 
     from cluster.local_ray import ensure_ray
     from data_pipelines.pipeline import DataPipelineError, current_manifest, prepare, shards_dir_of
-    from data_pipelines.readers import CorpusNotFoundError
+    from data_pipelines.readers import CorpusNotFoundError, list_inputs
     from data_pipelines.stats import CorpusStats
 
+    if cfg.data.paths:  # a missing corpus is bad input: refuse it before starting Ray
+        try:
+            list_inputs(cfg.data.paths, cfg.data.format)
+        except CorpusNotFoundError as exc:
+            fail(str(exc))
     ensure_ray(cfg.cluster)
     DataContext.get_current().enable_progress_bars = False  # the rich display below replaces them
     seq_len = cfg.data.seq_len

@@ -95,11 +95,6 @@ def test_missing_files_exit_2_in_a_real_process(tmp_path):
         assert "Started a local Ray instance" not in done.stderr  # refused before any work
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cluster/commands/data_cmd.py prepare_cmd calls ensure_ray() before the corpus paths are listed,"
-    " so a missing corpus starts an embedded Ray first (and fails with exit 1 when Ray cannot start)",
-)
 def test_missing_corpus_fails_before_starting_ray(tmp_path):
     run = tmp_path / "run.yaml"
     run.write_text(

@@ -82,11 +82,6 @@ def test_unreadable_paths_named_directly_are_clear_errors(bad_corpus):
     assert "dangling.txt" not in listed and "dir.txt" not in listed and "huge.txt" in listed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data_pipelines/readers.py _parquet_docs lets pyarrow's ArrowInvalid escape for a corrupt"
-    " .parquet file, so one bad file crashes the Ray Data read task and the whole run",
-)
 def test_corrupt_parquet_file_is_counted_not_raised(tmp_path):
     bad = tmp_path / "corrupt.parquet"
     bad.write_bytes(os.urandom(4096))

@@ -92,11 +92,6 @@ def test_api_keys_are_required_unless_explicitly_disabled(rel_model, monkeypatch
     build_app({"model_path": str(rel_model), "serve": {"require_api_key": False}})  # an explicit opt-out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve/auth.py load_key_digests silently ignores a configured serve.api_key_file that does not"
-    " exist (a typo'd path leaves only the env keys, with no error)",
-)
 def test_missing_api_key_file_is_an_error(rel_model, monkeypatch, tmp_path):
     from serve.app import build_app
 
@@ -158,11 +153,6 @@ def test_no_unsafe_deserialisation_in_project_code():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve/model_server.py LLMServer.__init__ calls from_pretrained without use_safetensors=True, so a"
-    " folder holding only pytorch_model.bin (a pickle) is loaded instead of refused",
-)
 def test_serve_loader_refuses_a_pickle_only_model_folder(rel_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
