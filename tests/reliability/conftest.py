@@ -16,7 +16,13 @@ import httpx
 import pytest
 
 from cluster.local_cluster import AUTH_ENV
-from tests.serve.conftest import API_KEY, App, free_port, make_tiny_model, run_app
+from tests.serve.conftest import (
+    API_KEY,
+    App,
+    make_tiny_model,
+    run_app,
+    serve_http,  # noqa: F401 - registers the fixture here
+)
 
 # Ray reads RAY_AUTH_MODE when it is first imported; the modules here import ray at the top.
 os.environ.update(AUTH_ENV)
@@ -31,13 +37,9 @@ def rel_model(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
-def serve_url(ray_cluster) -> str:
-    """Base URL of Serve's proxy on this cluster (started here on a free loopback port if needed)."""
-    from ray import serve
-
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    http = serve.context._get_global_client().http_config
-    return f"http://127.0.0.1:{http.port}"
+def serve_url(request: pytest.FixtureRequest) -> str:
+    """Base URL of Serve's proxy on this cluster: the serving suite's own `serve_http`."""
+    return request.getfixturevalue("serve_http")
 
 
 def deploy(serve_url: str, model: Path, name: str, **fields: Any) -> App:

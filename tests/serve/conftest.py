@@ -87,12 +87,14 @@ class App:
 
 @pytest.fixture(scope="session")
 def serve_http(ray_cluster) -> Iterator[str]:
-    """Serve's HTTP proxy on a free port of this host (other test sessions may run Serve too)."""
+    """Serve's HTTP proxy on a free port of this host (other test sessions may run Serve too).
+
+    If Serve already runs on this cluster, `serve.start` keeps its port: read back the real one.
+    """
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    yield f"http://127.0.0.1:{serve.context._get_global_client().http_config.port}"
 
 
 def run_app(serve_http: str, model_path: Path, name: str, **serve_fields: Any) -> App:
