@@ -343,20 +343,27 @@ class OpenAIIngress:
                     reasons[item["index"]] = item["finish_reason"]
         return texts, reasons, tokens
 
-    async def _stream_completion(
-        self, stream: Any, first: list[dict], rid: str, created: int, prompt_tokens: int, include_usage: bool
+    async def _stream_sse(
+        self,
+        stream: Any,
+        first: list[dict],
+        rid: str,
+        prompt_tokens: int,
+        include_usage: bool,
+        choice_of: Callable[[dict], BaseModel],
+        envelope: Callable[..., BaseModel],
     ) -> AsyncIterator[str]:
+        """Server-sent events shared by both routes: one chunk per engine item, optional usage, [DONE].
+
+        `choice_of` turns an engine item into the route's choice; `envelope(choices, usage=None)` wraps
+        choices in the route's chunk type.
+        """
         completion_tokens = 0
         try:
             async for chunk in self._chunks(stream, first):
                 for item in chunk:
                     completion_tokens += item["tokens"]
-                    choice = CompletionChoice(
-                        index=item["index"], text=item["text"], finish_reason=item["finish_reason"]
-                    )
-                    yield _sse(
-                        CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice])
-                    )
+                    yield _sse(envelope([choice_of(item)]))
         except Exception:
             log.exception("stream %s failed", rid)
             yield f"data: {json.dumps(error_body(500, 'internal server error', code='internal_error'))}\n\n"
@@ -367,41 +374,41 @@ class OpenAIIngress:
                 completion_tokens=completion_tokens,
                 total_tokens=prompt_tokens + completion_tokens,
             )
-            yield _sse(
-                CompletionResponse(id=rid, created=created, model=self.model_name, choices=[], usage=usage)
-            )
+            yield _sse(envelope([], usage=usage))
         yield "data: [DONE]\n\n"
 
-    async def _stream_chat(
+    def _stream_completion(
         self, stream: Any, first: list[dict], rid: str, created: int, prompt_tokens: int, include_usage: bool
     ) -> AsyncIterator[str]:
-        completion_tokens = 0
-        started: set[int] = set()
-        try:
-            async for chunk in self._chunks(stream, first):
-                for item in chunk:
-                    completion_tokens += item["tokens"]
-                    index = item["index"]
-                    delta = DeltaMessage(role=None if index in started else "assistant", content=item["text"])
-                    started.add(index)
-                    choice = ChatStreamChoice(index=index, delta=delta, finish_reason=item["finish_reason"])
-                    yield _sse(
-                        ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[choice])
-                    )
-        except Exception:
-            log.exception("stream %s failed", rid)
-            yield f"data: {json.dumps(error_body(500, 'internal server error', code='internal_error'))}\n\n"
-            return
-        if include_usage:
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
+        def choice_of(item: dict) -> CompletionChoice:
+            return CompletionChoice(
+                index=item["index"], text=item["text"], finish_reason=item["finish_reason"]
             )
-            yield _sse(
-                ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[], usage=usage)
+
+        def envelope(choices: list, usage: Usage | None = None) -> CompletionResponse:
+            return CompletionResponse(
+                id=rid, created=created, model=self.model_name, choices=choices, usage=usage
             )
-        yield "data: [DONE]\n\n"
+
+        return self._stream_sse(stream, first, rid, prompt_tokens, include_usage, choice_of, envelope)
+
+    def _stream_chat(
+        self, stream: Any, first: list[dict], rid: str, created: int, prompt_tokens: int, include_usage: bool
+    ) -> AsyncIterator[str]:
+        started: set[int] = set()  # the first delta of each choice carries the assistant role
+
+        def choice_of(item: dict) -> ChatStreamChoice:
+            index = item["index"]
+            delta = DeltaMessage(role=None if index in started else "assistant", content=item["text"])
+            started.add(index)
+            return ChatStreamChoice(index=index, delta=delta, finish_reason=item["finish_reason"])
+
+        def envelope(choices: list, usage: Usage | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=rid, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+
+        return self._stream_sse(stream, first, rid, prompt_tokens, include_usage, choice_of, envelope)
 
 
 OpenAIIngress = serve.ingress(api)(OpenAIIngress)
