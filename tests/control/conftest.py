@@ -14,18 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import AUTH_ENV
-
-# The session fixture joins a token-auth cluster in-process, but Ray reads RAY_AUTH_MODE when its
-# config first loads (at import), so it must be set before anything imports ray; if something already
-# did, reload Ray's config the way Ray itself does when it turns token auth on.
-os.environ.update(AUTH_ENV)
-if "ray" in sys.modules:
-    from ray._raylet import Config
-
-    Config.initialize("")
-
-from cluster.jobs_client import JobsClient  # noqa: E402
+from cluster.jobs_client import JobsClient
 
 RAYLM = str(Path(sys.executable).with_name("raylm"))
 

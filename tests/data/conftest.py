@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import AUTH_ENV
-
-# Ray reads RAY_AUTH_MODE when it is first imported; set it before the test modules import ray.
-os.environ.update(AUTH_ENV)
-
-from data_pipelines.config import DataConfig, TokenizerConfig  # noqa: E402
+from data_pipelines.config import DataConfig, TokenizerConfig
 
 LONG_LINE = "word " * 2000  # 10,000 chars: over the max_chars used below
 

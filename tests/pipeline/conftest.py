@@ -5,24 +5,12 @@ Everything is built here from configs and a few sentences, so no test reaches a 
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import AUTH_ENV
-
-# Ray reads RAY_AUTH_MODE when its config first loads: set it before anything imports ray, and reload
-# Ray's config if something already did, so in-process clients can join the token-auth test cluster.
-os.environ.update(AUTH_ENV)
-if "ray" in sys.modules:
-    from ray._raylet import Config
-
-    Config.initialize("")
-
-from data_pipelines.config import TokenizerConfig  # noqa: E402
-from data_pipelines.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from data_pipelines.config import TokenizerConfig
+from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
 
 SENTENCES = [
     "How do I reset my password? Open settings and choose reset password.",

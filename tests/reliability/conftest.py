@@ -7,7 +7,6 @@ already started it in this session; the URL is read back from Serve itself, neve
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.local_cluster import AUTH_ENV
 from tests.serve.conftest import (
     API_KEY,
     App,
@@ -23,9 +21,6 @@ from tests.serve.conftest import (
     run_app,
     serve_http,  # noqa: F401 - registers the fixture here
 )
-
-# Ray reads RAY_AUTH_MODE when it is first imported; the modules here import ray at the top.
-os.environ.update(AUTH_ENV)
 
 REPO = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -18,12 +18,6 @@ from typing import Any
 
 import pytest
 
-from cluster.local_cluster import AUTH_ENV
-
-# Ray reads RAY_AUTH_MODE when it is first imported; the test modules here import ray at the top, so the
-# token mode the shared `ray_cluster` needs must be in the environment before they are collected.
-os.environ.update(AUTH_ENV)
-
 API_KEY = "sk-test-" + uuid.uuid4().hex
 
 

@@ -6,19 +6,14 @@ the contract the loop consumes: Ray Datasets of `{"input_ids": int32[seq_len]}`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cluster.config import load_config
-from cluster.local_cluster import AUTH_ENV
 from data_pipelines.config import TokenizerConfig
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
-
-# Ray reads RAY_AUTH_MODE when it is imported; the session fixture imports ray before setting it.
-os.environ.update(AUTH_ENV)
 
 SEQ_LEN = 64
 TINY_MODEL = {
