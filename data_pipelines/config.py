@@ -42,9 +42,14 @@ class DataConfig(BaseModel):
         "stream", description="stream blocks into training, or read Parquet token shards from shards_dir"
     )
     shards_dir: str | None = Field(None, description="Parquet token shards (default: <run>/data/shards)")
-    tokenize_batch_size: int = Field(256, ge=1, description="documents per map_batches call")
+    tokenize_batch_size: int = Field(
+        2048, ge=1, description="documents per batch through read → clean → tokenise → pack"
+    )
     tokenize_tasks: int = Field(
-        0, ge=0, le=1024, description="concurrent tokenize tasks; 0 = half the cluster's logical CPUs (1..8)"
+        0, ge=0, le=1024, description="cap on concurrent read+clean+tokenise tasks; 0 = one per free CPU"
+    )
+    read_chunk_mb: float = Field(
+        0, ge=0, description="byte range per read task for large .jsonl/.txt files; 0 = sized to the cluster"
     )
 
     @model_validator(mode="after")

@@ -1,7 +1,10 @@
 """The public data API: corpus → cleaned documents → tokenizer → packed token blocks, on Ray Data.
 
-    read (parallel, per file) → clean + hash + split → tokenize (parallel tasks, fused with reading)
+    read (parallel, per file or byte range) → clean + hash + split → tokenize
       → de-duplicate + pack (one ordered actor) → {"input_ids": int32[seq_len]}
+
+Reading, cleaning and tokenising are one fused Ray Data task per byte range (no object-store hop
+between them, one task per CPU); only the packer is a separate, serial stage.
 
 `token_datasets` is what training calls; `prepare` materialises the blocks as Parquet shards.
 Block order is part of the contract (packing is exact only in order), so this module turns on
@@ -19,16 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from ray.data import DataContext
 
-from data_pipelines.cleaning import clean_batch
+from data_pipelines.cleaning import clean_batch, select_split
 from data_pipelines.config import DataConfig, TokenizerConfig
 from data_pipelines.demo_corpus import write_demo_corpus
 from data_pipelines.packing import Packer, tokenize_batch
-from data_pipelines.readers import InputFile, list_inputs, read_files_udf
+from data_pipelines.readers import InputFile, list_inputs, plan_reads, read_ranges_udf
 from data_pipelines.shards import (
     MANIFEST_FORMAT,
     read_manifest,
@@ -99,7 +100,8 @@ def corpus_hash(data: DataConfig, files: list[InputFile]) -> str:
     so changing them never invalidates a tokenizer or shards that are still correct.
     """
     settings = data.model_dump(
-        mode="json", exclude={"mode", "shards_dir", "tokenize_batch_size", "tokenize_tasks", "seq_len"}
+        mode="json",
+        exclude={"mode", "shards_dir", "tokenize_batch_size", "tokenize_tasks", "read_chunk_mb", "seq_len"},
     )
     files_id = [(f.uri, f.format, f.size, f.mtime_ns) for f in files]
     payload = json.dumps({"data": settings, "files": files_id}, sort_keys=True)
@@ -110,29 +112,22 @@ def _ordered() -> None:
     DataContext.get_current().execution_options.preserve_order = True
 
 
+def _task_args(data: DataConfig) -> dict[str, Any]:
+    """The same arguments on every task stage, so Ray Data fuses them into one task per byte range."""
+    return {"batch_format": "pyarrow", "concurrency": data.tokenize_tasks or None}
+
+
 def documents(data: DataConfig, files: list[InputFile]) -> ray.data.Dataset:
     """Lazy dataset of every input document: text (cleaned), reason ("" = kept), bytes, hash, val."""
     _ordered()
-    items = [{"uri": f.uri, "format": f.format} for f in files]
+    items = plan_reads(files, data, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_files_udf, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": data})
-    return ds.map_batches(clean_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"cfg": data})
+    ds = ds.map_batches(read_ranges_udf, batch_size=1, fn_kwargs={"cfg": data}, **_task_args(data))
+    return ds.map_batches(clean_batch, batch_size=None, fn_kwargs={"cfg": data}, **_task_args(data))
 
 
-def _select(batch: pa.Table, which: str) -> pa.Table:
-    kept = pc.equal(batch.column("reason"), "")
-    val = batch.column("val")
-    if which == "train":  # dropped rows ride along with train so the train packer counts them once
-        mask = pc.or_(pc.invert(kept), pc.invert(val))
-    elif which == "val":
-        mask = pc.and_(kept, val)
-    else:  # "tokenizer": kept training documents only
-        mask = pc.and_(kept, pc.invert(val))
-    return batch.filter(mask)
-
-
-def _split(docs: ray.data.Dataset, which: str) -> ray.data.Dataset:
-    return docs.map_batches(_select, batch_size=None, batch_format="pyarrow", fn_kwargs={"which": which})
+def _split(docs: ray.data.Dataset, which: str, data: DataConfig) -> ray.data.Dataset:
+    return docs.map_batches(select_split, batch_size=None, fn_kwargs={"which": which}, **_task_args(data))
 
 
 def ensure_tokenizer(data: DataConfig, tok: TokenizerConfig, run_dir: str, files: list[InputFile]) -> str:
@@ -153,7 +148,7 @@ def ensure_tokenizer(data: DataConfig, tok: TokenizerConfig, run_dir: str, files
                 return str(out)
         except ValueError:
             pass
-    docs = _split(documents(data, files), "tokenizer").limit(tok.max_training_docs)
+    docs = _split(documents(data, files), "tokenizer", data).limit(tok.max_training_docs)
     n_docs = 0
 
     def texts():
@@ -177,32 +172,23 @@ def _tokenizer_payload(tokenizer_dir: str) -> tuple[str, int]:
     return fast.backend_tokenizer.to_str(), int(fast.eos_token_id)
 
 
-def _tokenize_tasks(data: DataConfig, n_files: int) -> int:
-    """Reading is fused into the tokenize tasks and each file is one input, so more concurrent tasks
-    than files would find nothing to do."""
-    if data.tokenize_tasks:
-        return data.tokenize_tasks
-    return max(1, min(8, int(ray.cluster_resources().get("CPU", 2)) // 2, n_files))
-
-
 def packed_blocks(
-    docs: ray.data.Dataset, split: str, data: DataConfig, tokenizer_dir: str, ledger: Any, n_files: int
+    docs: ray.data.Dataset, split: str, data: DataConfig, tokenizer_dir: str, ledger: Any
 ) -> ray.data.Dataset:
     """Lazy dataset of {"input_ids": int32[seq_len]} blocks for one split."""
     tokenizer_json, eos_id = _tokenizer_payload(tokenizer_dir)
-    ds = _split(docs, split)
+    ds = _split(docs, split, data)
     ds = ds.map_batches(
         tokenize_batch,
-        batch_size=data.tokenize_batch_size,
-        batch_format="pyarrow",
-        concurrency=_tokenize_tasks(data, n_files),
+        batch_size=None,
         fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id},
+        **_task_args(data),
     )
     return ds.map_batches(
         Packer,
         batch_size=None,
         batch_format="pyarrow",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.25,
         fn_constructor_kwargs={
             "seq_len": data.seq_len,
@@ -245,7 +231,7 @@ def prepare(
     splits = {}
     for split in SPLITS:
         names, blocks = write_split(
-            packed_blocks(docs, split, data, tokenizer_dir, ledger, len(files)),
+            packed_blocks(docs, split, data, tokenizer_dir, ledger),
             shards_dir,
             split,
             data.seq_len,
@@ -291,7 +277,5 @@ def token_datasets(data: DataConfig, tok: TokenizerConfig, run_dir: str) -> Toke
     tokenizer_dir = ensure_tokenizer(effective, tok, run_dir, files)
     ledger = new_ledger()
     docs = documents(effective, files)
-    train, val = (
-        packed_blocks(docs, split, effective, tokenizer_dir, ledger, len(files)) for split in SPLITS
-    )
+    train, val = (packed_blocks(docs, split, effective, tokenizer_dir, ledger) for split in SPLITS)
     return TokenData(train, val, str(tokenizer_dir), data.seq_len, ledger=ledger)

@@ -6,16 +6,23 @@ crash on broken input, so files are listed here and read by our own Ray Data UDF
 cannot become a document is emitted with a drop reason (counted downstream) instead of text. Files are
 streamed in 1 MiB chunks and a record longer than the size bound is skipped without being held, so a
 single 100 MB line costs neither a crash nor 100 MB of memory.
+
+A large uncompressed .jsonl or paragraph-mode .txt file is read as several byte ranges in parallel
+(`plan_reads`). Each range starts at a record boundary found from its planned offset alone (the next
+line start for jsonl, the next blank line for paragraphs), so neighbouring ranges agree on where one
+ends and the next begins, and the documents come out exactly as one sequential read would give them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -34,10 +41,10 @@ _FORMATS = {
 }
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 _CHUNK_BYTES = 1 << 20
-_OUT_DOCS = 2048  # documents per emitted table
-_OUT_BYTES = 8 << 20  # or this much text, whichever comes first
+_OUT_BYTES = 8 << 20  # most text per emitted table (data.tokenize_batch_size bounds the documents)
 _PARAGRAPH_BREAK = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
 _NEWLINE = re.compile(rb"\n")
+_HSPACE = b" \t\r\f\v"
 RAW_SCHEMA = pa.schema([("text", pa.large_string()), ("reason", pa.string()), ("bytes", pa.int64())])
 
 
@@ -136,20 +143,13 @@ def _records(stream, delimiter: re.Pattern[bytes], max_bytes: int) -> Iterator[b
     buf = b""
     skipping = False
     keep = 64  # bytes kept while skipping, so a delimiter that straddles two chunks is still found
-    while True:
-        chunk = stream.read(_CHUNK_BYTES)
-        if not chunk:
-            break
-        buf += chunk
-        pos = 0
-        for m in delimiter.finditer(buf):
-            if skipping:
-                yield None
-                skipping = False
-            else:
-                yield buf[pos : m.start()]
-            pos = m.end()
-        buf = buf[pos:]
+    while chunk := stream.read(_CHUNK_BYTES):
+        parts = delimiter.split(buf + chunk)  # one C-level split per chunk; the last part is unfinished
+        buf = parts.pop()
+        if parts and skipping:
+            parts[0] = None  # the end of the record that was being skipped
+            skipping = False
+        yield from parts
         if len(buf) > max_bytes:
             skipping = True
             buf = buf[-keep:]
@@ -162,7 +162,8 @@ def _records(stream, delimiter: re.Pattern[bytes], max_bytes: int) -> Iterator[b
 class _Out:
     """Accumulates (text, reason, bytes) rows and hands them out as Arrow tables of bounded size."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_docs: int) -> None:
+        self.max_docs = max_docs
         self.text: list[str] = []
         self.reason: list[str] = []
         self.nbytes: list[int] = []
@@ -173,7 +174,7 @@ class _Out:
         self.reason.append(reason)
         self.nbytes.append(nbytes)
         self.pending += len(text)
-        if len(self.text) >= _OUT_DOCS or self.pending >= _OUT_BYTES:
+        if len(self.text) >= self.max_docs or self.pending >= _OUT_BYTES:
             return self.flush()
         return None
 
@@ -260,26 +261,132 @@ def _parquet_docs(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> Iterator[t
                     yield value, "", len(value.encode("utf-8"))
 
 
-def read_file_docs(uri: str, fmt: str, cfg: DataConfig) -> Iterator[pa.Table]:
-    """Raw documents of one file as Arrow tables (text, reason, bytes); never raises on bad content."""
+def splittable(f: InputFile, cfg: DataConfig) -> bool:
+    """Whether a file can be read as several byte ranges: uncompressed, one record per line or paragraph."""
+    if f.uri.endswith(_COMPRESSED):
+        return False
+    return f.format == "jsonl" or (f.format == "txt" and cfg.txt_document == "paragraph")
+
+
+def plan_reads(files: list[InputFile], cfg: DataConfig, cpus: int) -> list[dict[str, Any]]:
+    """One read task per byte range: rows of (uri, format, start, end), in corpus order.
+
+    The range size is `data.read_chunk_mb`, or by default about a quarter of each CPU's share of the
+    corpus (1–64 MiB), so even a single large file keeps every CPU busy with a few tasks each.
+    """
+    if cfg.read_chunk_mb:
+        chunk = max(1, int(cfg.read_chunk_mb * (1 << 20)))
+    else:
+        total = sum(f.size for f in files)
+        chunk = min(64 << 20, max(1 << 20, total // (4 * max(1, cpus))))
+    items = []
+    for f in files:
+        if splittable(f, cfg) and f.size > chunk:
+            bounds = [*range(0, f.size, chunk), f.size]
+            pairs = itertools.pairwise(bounds)
+            items += [{"uri": f.uri, "format": f.format, "start": a, "end": b} for a, b in pairs]
+        else:  # the whole file, however big
+            items.append({"uri": f.uri, "format": f.format, "start": 0, "end": None})
+    return items
+
+
+def _boundary(f, offset: int, size: int, paragraph: bool) -> int:
+    """The first record boundary at or after `offset`: the next line start (jsonl) or the start of the
+    next blank line (paragraphs). Both neighbours compute it from the same bytes, so they agree."""
+    if offset <= 0 or offset >= size:
+        return min(max(offset, 0), size)
+    f.seek(offset - 1)
+    pos = offset - 1
+    line_start = None  # start of the current line once a newline at or after offset - 1 is passed
+    blank = True
+    while chunk := f.read(_CHUNK_BYTES):
+        i = 0
+        while True:
+            j = chunk.find(b"\n", i)
+            if line_start is not None and blank and chunk[i : j if j >= 0 else len(chunk)].strip(_HSPACE):
+                blank = False
+            if j < 0:
+                break
+            if line_start is not None and blank:
+                return line_start
+            line_start, blank, i = pos + j + 1, True, j + 1
+            if not paragraph:
+                return line_start
+        pos += len(chunk)
+    return size
+
+
+class _Range:
+    """A readable stream over bytes [start, end) of a file, with optional bytes before and after.
+
+    Paragraph ranges get a newline on each inner side, so the blank line a range was cut at still reads
+    as a paragraph break from both sides.
+    """
+
+    def __init__(self, f, start: int, end: int, prefix: bytes, suffix: bytes) -> None:
+        f.seek(start)
+        self.f, self.left, self.pending = f, end - start, prefix
+        self.suffix = suffix
+
+    def read(self, n: int) -> bytes:
+        if self.pending:
+            out, self.pending = self.pending, b""
+            return out
+        if self.left > 0:
+            out = self.f.read(min(n, self.left))
+            self.left -= len(out)
+            if out:
+                return out
+            self.left = 0
+        out, self.suffix = self.suffix, b""
+        return out
+
+
+def _text_docs(stream, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
+    return _txt_docs(stream, cfg) if fmt == "txt" else _jsonl_docs(stream, cfg)
+
+
+def _range_docs(fs, path: str, fmt: str, cfg: DataConfig, start: int, end: int):
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        paragraph = fmt == "txt"
+        lo, hi = _boundary(f, start, size, paragraph), _boundary(f, end, size, paragraph)
+        if lo >= hi:
+            return
+        prefix = b"\n" if paragraph and lo > 0 else b""
+        suffix = b"\n" if paragraph and hi < size else b""
+        yield from _text_docs(_Range(f, lo, hi, prefix, suffix), fmt, cfg)
+
+
+def read_file_docs(
+    uri: str, fmt: str, cfg: DataConfig, start: int = 0, end: int | None = None
+) -> Iterator[pa.Table]:
+    """Raw documents of one file (or of the records that begin in bytes [start, end) of a splittable
+    file) as Arrow tables (text, reason, bytes); never raises on bad content."""
     fs, path = open_uri(uri)
-    out = _Out()
+    out = _Out(cfg.tokenize_batch_size)
     if fmt == "parquet":
         docs = _parquet_docs(fs, path, cfg)
-        for text, reason, nbytes in docs:
-            if (table := out.add(text, reason, nbytes)) is not None:
-                yield table
+    elif end is not None and (start > 0 or end < fs.get_file_info(path).size):
+        docs = _range_docs(fs, path, fmt, cfg, start, end)
     else:
+        docs = None
+    if docs is None:
         with fs.open_input_stream(path, compression="detect") as stream:
-            docs = _txt_docs(stream, cfg) if fmt == "txt" else _jsonl_docs(stream, cfg)
-            for text, reason, nbytes in docs:
-                if (table := out.add(text, reason, nbytes)) is not None:
-                    yield table
+            yield from _tables(_text_docs(stream, fmt, cfg), out)
+    else:
+        yield from _tables(docs, out)
+
+
+def _tables(docs: Iterator[tuple[str, str, int]], out: _Out) -> Iterator[pa.Table]:
+    for text, reason, nbytes in docs:
+        if (table := out.add(text, reason, nbytes)) is not None:
+            yield table
     if (table := out.flush()) is not None:
         yield table
 
 
-def read_files_udf(batch: pa.Table, cfg: DataConfig) -> Iterator[pa.Table]:
-    """Ray Data map_batches UDF: rows of (uri, format) → raw document tables."""
-    for uri, fmt in zip(batch.column("uri").to_pylist(), batch.column("format").to_pylist(), strict=True):
-        yield from read_file_docs(uri, fmt, cfg)
+def read_ranges_udf(batch: pa.Table, cfg: DataConfig) -> Iterator[pa.Table]:
+    """Ray Data map_batches UDF: rows of (uri, format, start, end) → raw document tables."""
+    for row in batch.to_pylist():
+        yield from read_file_docs(row["uri"], row["format"], cfg, row["start"], row["end"])

@@ -8,12 +8,14 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_pipelines.cleaning import clean_text, doc_hash, is_val
 from data_pipelines.config import DataConfig, DemoCorpusConfig
 from data_pipelines.demo_corpus import write_demo_corpus
 from data_pipelines.pipeline import corpus_hash
-from data_pipelines.readers import CorpusNotFoundError, _records, list_inputs, read_file_docs
+from data_pipelines.readers import CorpusNotFoundError, _records, list_inputs, plan_reads, read_file_docs
 
 
 def _docs(uri: str, fmt: str, cfg: DataConfig) -> list[tuple[str, str]]:
@@ -120,3 +122,50 @@ def test_corpus_hash_tracks_settings_and_files_but_not_performance_knobs(tmp_pat
     assert corpus_hash(cfg.model_copy(update={"min_chars": 5}), list_inputs(cfg.paths)) != base
     f.write_text("some other text")
     assert corpus_hash(cfg, list_inputs(cfg.paths)) != base
+
+
+_PIECES = ["word", "two words", "\n", "\n\n", " \n", "\n \t\n", "\r\n", "\n\n\n", "é", "\x00", "  "]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(_PIECES), max_size=120),
+    fmt=st.sampled_from(["txt", "jsonl"]),
+    chunk_bytes=st.integers(1, 64),
+    raw_tail=st.binary(max_size=8),
+)
+def test_byte_ranges_read_exactly_what_one_sequential_read_gives(
+    tmp_path_factory, pieces, fmt, chunk_bytes, raw_tail
+):
+    """A file read as many small byte ranges yields the same documents, in order, as one read: no
+    paragraph or line is lost, doubled or cut at a range boundary, whatever the bytes there are."""
+    text = "".join(pieces)
+    if fmt == "jsonl":  # valid, broken and blank lines mixed
+        body = "".join(json.dumps({"text": p}) + "\n" if i % 3 else p for i, p in enumerate(text.split("\n")))
+    else:
+        body = text
+    path = tmp_path_factory.mktemp("ranges") / f"corpus.{fmt}"
+    path.write_bytes(body.encode("utf-8") + raw_tail)
+    cfg = DataConfig(read_chunk_mb=chunk_bytes / (1 << 20), max_chars=40)
+    whole = _docs(str(path), fmt, cfg)
+    items = plan_reads(list_inputs([str(path)]), cfg, cpus=2)
+    pieces_read = []
+    for item in items:
+        for table in read_file_docs(item["uri"], item["format"], cfg, item["start"], item["end"]):
+            pieces_read += list(
+                zip(table.column("text").to_pylist(), table.column("reason").to_pylist(), strict=True)
+            )
+    assert pieces_read == whole
+    assert len(items) == max(1, -(-path.stat().st_size // chunk_bytes))
+
+
+def test_a_large_file_is_shared_between_range_tasks(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"paragraph {i}\nline two\n\n" for i in range(400)))
+    cfg = DataConfig(read_chunk_mb=2048 / (1 << 20))
+    items = plan_reads(list_inputs([str(path)]), cfg, cpus=2)
+    per_range = [
+        sum(t.num_rows for t in read_file_docs(i["uri"], "txt", cfg, i["start"], i["end"])) for i in items
+    ]
+    assert len(items) == -(-path.stat().st_size // 2048) and all(n > 50 for n in per_range)
+    assert sum(per_range) == 400
