@@ -46,7 +46,7 @@ class DataConfig(BaseModel):
         2048, ge=1, description="documents per batch through read → clean → tokenise → pack"
     )
     tokenize_tasks: int = Field(
-        0, ge=0, le=1024, description="cap on concurrent read+clean+tokenise tasks; 0 = one per free CPU"
+        0, ge=0, le=1024, description="cap on concurrent read→tokenise tasks; 0 = the cluster's CPUs"
     )
     read_chunk_mb: float = Field(
         0, ge=0, description="byte range per read task for large .jsonl/.txt files; 0 = sized to the cluster"

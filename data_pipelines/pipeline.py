@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,14 +114,24 @@ def _ordered() -> None:
 
 
 def _task_args(data: DataConfig) -> dict[str, Any]:
-    """The same arguments on every task stage, so Ray Data fuses them into one task per byte range."""
-    return {"batch_format": "pyarrow", "concurrency": data.tokenize_tasks or None}
+    """The same arguments on every task stage, so Ray Data fuses them into one task per byte range.
+
+    The default cap is the cluster's CPU count: Ray frees a task's CPU while its output generator is
+    paused by back-pressure, and without a cap Ray Data then starts more tasks than there are cores,
+    which only adds processes fighting for the same caches (measured 10-15% slower on two cores).
+    """
+    return {"batch_format": "pyarrow", "concurrency": data.tokenize_tasks or _cluster_cpus()}
+
+
+def _cluster_cpus() -> int:
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count()
+    return max(1, int(cpus or 1))
 
 
 def documents(data: DataConfig, files: list[InputFile]) -> ray.data.Dataset:
     """Lazy dataset of every input document: text (cleaned), reason ("" = kept), bytes, hash, val."""
     _ordered()
-    items = plan_reads(files, data, int(ray.cluster_resources().get("CPU", 1)))
+    items = plan_reads(files, data, _cluster_cpus())
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_ranges_udf, batch_size=1, fn_kwargs={"cfg": data}, **_task_args(data))
     return ds.map_batches(clean_batch, batch_size=None, fn_kwargs={"cfg": data}, **_task_args(data))

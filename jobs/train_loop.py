@@ -144,6 +144,15 @@ class _Worker:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg)),
         )
+        # fp32 without ZeRO: DeepSpeed clips with the plain-torch path and keeps no norm, so measure it
+        # here (after the gradients are averaged, before the step clears them); the other paths report it.
+        self._own_grad_norm = not (
+            self.cfg.zero_stage or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
+        )
+        if self.world == 1 and self.cfg.zero_stage == 0:
+            # One worker has nothing to average: skip DeepSpeed's flatten → all-reduce → unflatten copy
+            # of every gradient on every step (a few percent of a small model's step on CPU).
+            self.engine.enable_backward_allreduce = False
         self.writer = MetricsWriter(spec.out_dir) if self.rank == 0 else None
         self.step, self.tokens_seen, self.epoch, self.micro_in_epoch = 0, 0, 0, 0
         self._val_batches: list[Batch] | None = None
@@ -290,14 +299,21 @@ class _Worker:
         node_ids, pids = self.node_info()
         if self.writer:
             self.writer.log(
-                "start", self.step, resumed_from=resumed_from, world_size=self.world, node_ids=node_ids,
-                pids=pids, num_params=self.flops.num_params, flops_per_token=self.flops.flops_per_token(),
+                "start",
+                self.step,
+                resumed_from=resumed_from,
+                world_size=self.world,
+                node_ids=node_ids,
+                pids=pids,
+                num_params=self.flops.num_params,
+                flops_per_token=self.flops.flops_per_token(),
                 data_position={"epoch": self.epoch, "micro_batches_in_epoch": self.micro_in_epoch},
             )
         peak_total = cfg.peak_flops * self.world
         interval_tokens, interval_loss, interval_micro = 0, 0.0, 0
         interval_start, train_time = time.perf_counter(), 0.0
         last_metrics: dict[str, Any] = {}
+        own_norm = float("nan")
         while self.step < cfg.max_steps:
             skip, seen_in_epoch = self.micro_in_epoch, 0
             for batch in self._batches(spec.train_dataset, drop_last=True):
@@ -306,6 +322,12 @@ class _Worker:
                     continue
                 loss = spec.loss_fn(self.engine, batch)
                 self.engine.backward(loss)
+                if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                    own_norm = float(
+                        torch.nn.utils.get_total_norm(
+                            [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                        )
+                    )
                 self.engine.step()
                 self.micro_in_epoch += 1
                 interval_tokens += spec.count_tokens(batch)
@@ -323,7 +345,7 @@ class _Worker:
                     global_tokens = round(self._mean(interval_tokens) * self.world)
                     self.tokens_seen += global_tokens
                     rate = global_tokens / max(elapsed, 1e-9)
-                    grad_norm = self.engine.get_global_grad_norm()
+                    grad_norm = own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
                     last_metrics = {
                         "loss": self._mean(interval_loss / interval_micro),
                         "lr": self.engine.get_lr()[0],
@@ -444,4 +466,3 @@ def final_checkpoint(spec: LoopSpec) -> Path:
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint under {spec.out_dir}")
     return found
-

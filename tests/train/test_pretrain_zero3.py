@@ -54,3 +54,18 @@ def test_export_round_trip_same_logits(zero3_run):
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_one_worker_without_zero_learns_and_reports_grad_norm(ray_cluster, blocks, char_tokenizer, tmp_path):
+    """ZeRO-0 on one worker skips DeepSpeed's gradient all-reduce and measures the grad norm itself
+    (DeepSpeed's fp32 clipping path keeps none): both must leave training and its metrics intact."""
+    cfg = tiny_config(tmp_path, "zero0", **{
+        "train.zero_stage": 0, "train.num_workers": 1, "train.max_steps": 12, "train.eval_every": 100,
+        "train.checkpoint_every": 100, "train.lr": 3e-3,
+    })
+    train_ds, _ = datasets(blocks)
+    result = train(cfg, train_ds, None, str(char_tokenizer), SEQ_LEN, progress=False, export_model=False)
+    recs = [r for r in result.metrics if r["event"] == "train"]
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    assert all(0 < r["grad_norm"] < 1e4 for r in recs), [r["grad_norm"] for r in recs]
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5, (recs[0]["loss"], recs[-1]["loss"])
