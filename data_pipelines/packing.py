@@ -2,8 +2,9 @@
 
 Why one ordered packer: packing must be exact across batch boundaries (a block may span documents
 from two batches), and exact de-duplication needs one place that has seen every earlier document.
-With `DataContext.execution_options.preserve_order = True` and a single actor (`concurrency=1`,
-`max_concurrency=1`), the packer receives every batch in corpus order, so:
+With `DataContext.execution_options.preserve_order = True` and a single actor that runs its calls in
+submission order (`allow_out_of_order_execution=False`, which Ray Data turns on by default for its
+actors), the packer receives every batch in corpus order, so:
   * the carry buffer makes block boundaries independent of how Ray cut the data into batches;
   * "first occurrence wins" de-duplication is deterministic (same blocks on every run), unlike a
     shared seen-set actor consulted by parallel tasks, where the winner depends on task timing;

@@ -113,14 +113,17 @@ def _ordered() -> None:
     DataContext.get_current().execution_options.preserve_order = True
 
 
-def _task_args(data: DataConfig) -> dict[str, Any]:
+def _task_args(data: DataConfig, files: list[InputFile]) -> dict[str, Any]:
     """The same arguments on every task stage, so Ray Data fuses them into one task per byte range.
 
-    The default cap is the cluster's CPU count: Ray frees a task's CPU while its output generator is
-    paused by back-pressure, and without a cap Ray Data then starts more tasks than there are cores,
-    which only adds processes fighting for the same caches (measured 10-15% slower on two cores).
+    The default cap is the cluster's CPU count (or the number of read ranges, if fewer): Ray frees a
+    task's CPU while its output generator is paused by back-pressure, and without a cap Ray Data then
+    starts more tasks than there are cores, which only adds processes fighting for the same caches
+    (measured 10-15% slower on two cores).
     """
-    return {"batch_format": "pyarrow", "concurrency": data.tokenize_tasks or _cluster_cpus()}
+    cpus = _cluster_cpus()
+    cap = data.tokenize_tasks or min(cpus, len(plan_reads(files, data, cpus)))
+    return {"batch_format": "pyarrow", "concurrency": cap}
 
 
 def _cluster_cpus() -> int:
@@ -133,12 +136,13 @@ def documents(data: DataConfig, files: list[InputFile]) -> ray.data.Dataset:
     _ordered()
     items = plan_reads(files, data, _cluster_cpus())
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_ranges_udf, batch_size=1, fn_kwargs={"cfg": data}, **_task_args(data))
-    return ds.map_batches(clean_batch, batch_size=None, fn_kwargs={"cfg": data}, **_task_args(data))
+    ds = ds.map_batches(read_ranges_udf, batch_size=1, fn_kwargs={"cfg": data}, **_task_args(data, files))
+    return ds.map_batches(clean_batch, batch_size=None, fn_kwargs={"cfg": data}, **_task_args(data, files))
 
 
-def _split(docs: ray.data.Dataset, which: str, data: DataConfig) -> ray.data.Dataset:
-    return docs.map_batches(select_split, batch_size=None, fn_kwargs={"which": which}, **_task_args(data))
+def _split(docs: ray.data.Dataset, which: str, data: DataConfig, files: list[InputFile]) -> ray.data.Dataset:
+    args = _task_args(data, files)
+    return docs.map_batches(select_split, batch_size=None, fn_kwargs={"which": which}, **args)
 
 
 def ensure_tokenizer(data: DataConfig, tok: TokenizerConfig, run_dir: str, files: list[InputFile]) -> str:
@@ -159,7 +163,7 @@ def ensure_tokenizer(data: DataConfig, tok: TokenizerConfig, run_dir: str, files
                 return str(out)
         except ValueError:
             pass
-    docs = _split(documents(data, files), "tokenizer", data).limit(tok.max_training_docs)
+    docs = _split(documents(data, files), "tokenizer", data, files).limit(tok.max_training_docs)
     n_docs = 0
 
     def texts():
@@ -184,16 +188,21 @@ def _tokenizer_payload(tokenizer_dir: str) -> tuple[str, int]:
 
 
 def packed_blocks(
-    docs: ray.data.Dataset, split: str, data: DataConfig, tokenizer_dir: str, ledger: Any
+    docs: ray.data.Dataset,
+    split: str,
+    data: DataConfig,
+    tokenizer_dir: str,
+    ledger: Any,
+    files: list[InputFile],
 ) -> ray.data.Dataset:
-    """Lazy dataset of {"input_ids": int32[seq_len]} blocks for one split."""
+    """Lazy dataset of {"input_ids": int32[seq_len]} blocks for one split of `documents(data, files)`."""
     tokenizer_json, eos_id = _tokenizer_payload(tokenizer_dir)
-    ds = _split(docs, split, data)
+    ds = _split(docs, split, data, files)
     ds = ds.map_batches(
         tokenize_batch,
         batch_size=None,
         fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id},
-        **_task_args(data),
+        **_task_args(data, files),
     )
     return ds.map_batches(
         Packer,
@@ -201,6 +210,12 @@ def packed_blocks(
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.25,
+        # Ray Data lets its actors run queued calls out of order by default (preserve_order only
+        # reorders outputs); the packer's carry buffer and seen-set need its calls in corpus order.
+        allow_out_of_order_execution=False,
+        # A restarted packer would have lost its carry and seen-set and emit wrong blocks without a
+        # word: fail the execution instead (training then resumes from its last checkpoint).
+        max_restarts=0,
         fn_constructor_kwargs={
             "seq_len": data.seq_len,
             "split": split,
@@ -242,7 +257,7 @@ def prepare(
     splits = {}
     for split in SPLITS:
         names, blocks = write_split(
-            packed_blocks(docs, split, data, tokenizer_dir, ledger),
+            packed_blocks(docs, split, data, tokenizer_dir, ledger, files),
             shards_dir,
             split,
             data.seq_len,
@@ -288,5 +303,5 @@ def token_datasets(data: DataConfig, tok: TokenizerConfig, run_dir: str) -> Toke
     tokenizer_dir = ensure_tokenizer(effective, tok, run_dir, files)
     ledger = new_ledger()
     docs = documents(effective, files)
-    train, val = (packed_blocks(docs, split, effective, tokenizer_dir, ledger) for split in SPLITS)
+    train, val = (packed_blocks(docs, split, effective, tokenizer_dir, ledger, files) for split in SPLITS)
     return TokenData(train, val, str(tokenizer_dir), data.seq_len, ledger=ledger)
