@@ -366,16 +366,12 @@ def read_file_docs(
     fs, path = open_uri(uri)
     out = _Out(cfg.tokenize_batch_size)
     if fmt == "parquet":
-        docs = _parquet_docs(fs, path, cfg)
-    elif end is not None and (start > 0 or end < fs.get_file_info(path).size):
-        docs = _range_docs(fs, path, fmt, cfg, start, end)
+        yield from _tables(_parquet_docs(fs, path, cfg), out)
+    elif end is not None:  # a byte range `plan_reads` cut from a large splittable file
+        yield from _tables(_range_docs(fs, path, fmt, cfg, start, end), out)
     else:
-        docs = None
-    if docs is None:
         with fs.open_input_stream(path, compression="detect") as stream:
             yield from _tables(_text_docs(stream, fmt, cfg), out)
-    else:
-        yield from _tables(docs, out)
 
 
 def _tables(docs: Iterator[tuple[str, str, int]], out: _Out) -> Iterator[pa.Table]:
