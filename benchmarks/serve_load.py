@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = REPO / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
 CONCURRENCY = (1, 4, 16, 64)
 
 

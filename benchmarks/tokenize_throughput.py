@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
 
 
 def make_corpus(out: Path, megabytes: float, files: int, seed: int = 0) -> list[Path]:

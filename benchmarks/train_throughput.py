@@ -31,7 +31,7 @@ from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
 from jobs.model import FlopsSpec, build_model, count_params, hf_config
 
 SEQ_LEN = 256
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
 MODEL = {
     "model.hidden_size": 320,
     "model.num_layers": 8,

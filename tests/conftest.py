@@ -17,7 +17,7 @@ import pytest
 from cluster.local_cluster import AUTH_ENV, LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
 
 
 # Ray reads RAY_AUTH_MODE when it is first imported: set it before any test module imports ray.

@@ -19,7 +19,7 @@ import jsonschema
 import yaml
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-CRD_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "kuberay" / "crds"
+CRD_DIR = Path(__file__).resolve().parents[2] / "third_party" / "kuberay" / "crds"  # KubeRay v1.7.0
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayJob": "ray.io_rayjobs.yaml",
