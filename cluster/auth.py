@@ -70,10 +70,18 @@ def client_token(address: str, token_file: str | None = None) -> Token | None:
     With RAY_AUTH_MODE=token and no token anywhere, Ray's SDK aborts the whole process from C++ while
     building its headers, so that case is refused here, with a message, before the SDK is called.
     """
-    token = find_token(token_file)
+    token = find_token(token_file) or _kuberay_token(address)
     if token is None and os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
         raise AuthError(explain_rejection(address, f"{AUTH_MODE_ENV}=token is set", None))
     return token
+
+
+def _kuberay_token(address: str) -> Token | None:
+    """Last resort for a KubeRay head Service address (`<cluster>-head-svc[.<namespace>]`): the token Secret
+    KubeRay created, read with the local kubeconfig (cluster.kuberay; imported only when it comes to this)."""
+    from cluster.kuberay import token_for_address
+
+    return token_for_address(address)
 
 
 def explain_rejection(address: str, status_message: str, token: Token | None) -> str:

@@ -9,6 +9,7 @@ so the RayJob entrypoint equals `raylm submit`'s and serveConfigV2 equals the lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -17,8 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from cluster.config import ConfigError, RunConfig, dump_config
 from cluster.k8s_config import SecretKeyRef
+from cluster.kuberay_rules import operator_errors
 from cluster.stages import STAGE_MODULES
 from cluster.tools.install_helm import helm_binary
 from serve.options import deployment_options, ingress_options
@@ -32,16 +36,31 @@ class RenderError(RuntimeError):
     """`helm template` refused the values (schema violation, template failure); message is helm's."""
 
 
-def release_name(cfg: RunConfig, mode: str, stage: str = "train") -> str:
-    """Object base name: k8s.release_name or the run name made a DNS-1035 label; a RayJob adds its stage.
-
-    KubeRay rejects Ray object names that do not start with a letter, so such run names get a prefix.
-    """
+def base_name(cfg: RunConfig) -> str:
+    """k8s.release_name or the run name as a DNS-1035 label (KubeRay needs a leading letter)."""
     base = cfg.k8s.release_name or re.sub(r"[^a-z0-9-]+", "-", cfg.cluster.run_name.lower()).strip("-")
     if not base[:1].isalpha():
         base = f"raylm-{base}"
-    name = f"{base}-{stage}" if mode == "job" else base
-    return name[:40].rstrip("-")
+    return base[:40].rstrip("-")
+
+
+def config_hash(cfg: RunConfig, stage: str) -> str:
+    """Six hex digits that change whenever the job's run file or Kubernetes layout changes."""
+    text = json.dumps([stage, cfg.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
+
+
+def release_name(cfg: RunConfig, mode: str, stage: str = "train") -> str:
+    """Object base name; a RayJob adds its stage and a hash of the config.
+
+    A RayJob runs once: re-applying a finished one changes nothing in KubeRay. With the config hash in its
+    name a changed config is a new RayJob (a new run), and the same config names the same RayJob, which
+    `apply` refuses to re-run once finished. 40 + 7 characters keep within KubeRay's 47 for RayJobs.
+    """
+    base = base_name(cfg)
+    if mode != "job":
+        return base
+    return f"{f'{base}-{stage}'[:40].rstrip('-')}-{config_hash(cfg, stage)}"
 
 
 def _is_uri(path: str) -> bool:
@@ -89,6 +108,33 @@ def _tolerations(items: list[Any]) -> list[dict[str, Any]]:
     return [t.model_dump(exclude_none=True) for t in items]
 
 
+def _pod_options(g: Any) -> dict[str, Any]:
+    """The PodOptions of a head or worker group in the chart's (Kubernetes) field names."""
+    return {
+        "nodeSelector": dict(g.node_selector),
+        "tolerations": _tolerations(g.tolerations),
+        "affinity": dict(g.affinity),
+        "topologySpreadConstraints": list(g.topology_spread_constraints),
+        "env": [
+            {"name": e.name, **({"value": e.value} if e.value is not None else {"valueFrom": e.value_from})}
+            for e in g.env
+        ],
+        "envFrom": list(g.env_from),
+        "volumes": list(g.volumes),
+        "volumeMounts": list(g.volume_mounts),
+        "rayStartParams": dict(g.ray_start_params),
+    }
+
+
+def _peer(p: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if p.pod_labels is not None:
+        out["podSelector"] = {"matchLabels": dict(p.pod_labels)} if p.pod_labels else {}
+    if p.namespace_labels is not None:
+        out["namespaceSelector"] = {"matchLabels": dict(p.namespace_labels)} if p.namespace_labels else {}
+    return out or {"podSelector": {}}
+
+
 def _secret(ref: SecretKeyRef | None) -> dict[str, str]:
     return ref.model_dump() if ref else {"name": "", "key": ""}
 
@@ -109,6 +155,7 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
     if cfg.cluster.pip:
         runtime_env["pip"] = list(cfg.cluster.pip)
     gcs = k.gcs_fault_tolerance
+    up = k.upgrade_strategy
     return {
         "mode": mode,
         "nameOverride": release_name(cfg, mode, stage),
@@ -117,6 +164,20 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
         "image": {"repository": k.image.repository, "tag": k.image.tag, "pullPolicy": k.image.pull_policy},
         "imagePullSecrets": list(k.image.pull_secrets),
         "serviceAccountName": k.service_account_name or "",
+        "serviceAccount": {
+            "create": k.service_account.create,
+            "name": k.service_account.name or "",
+            "annotations": dict(k.service_account.annotations),
+        },
+        "rayAuth": {"enabled": k.ray_auth.enabled, "secretName": k.ray_auth.secret_name or ""},
+        "networkPolicy": {
+            "enabled": k.network_policy.enabled,
+            "clients": [_peer(p) for p in k.network_policy.clients],
+        },
+        "priorityClassName": k.priority_class_name or "",
+        "schedulerName": k.scheduler_name or "",
+        "runtimeClassName": k.runtime_class_name or "",
+        "kueueQueue": k.kueue_queue or "",
         "podSecurityContext": {
             "runAsNonRoot": True,
             "runAsUser": k.security.run_as_user,
@@ -126,12 +187,7 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
         },
         "runConfig": dump_config(pod_cfg),
         "configMountPath": k.config_mount_path,
-        "head": {
-            "resources": _resources(k.head.resources),
-            "nodeSelector": dict(k.head.node_selector),
-            "tolerations": _tolerations(k.head.tolerations),
-            "rayStartParams": dict(k.head.ray_start_params),
-        },
+        "head": {"resources": _resources(k.head.resources), **_pod_options(k.head)},
         "workerGroups": [
             {
                 "name": g.name,
@@ -140,14 +196,14 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
                 "maxReplicas": g.max_replicas,
                 "resources": _resources(g.resources),
                 "gpuResourceName": g.gpu_resource_name,
-                "nodeSelector": dict(g.node_selector),
-                "tolerations": _tolerations(g.tolerations),
-                "rayStartParams": dict(g.ray_start_params),
+                **_pod_options(g),
+                **({"idleTimeoutSeconds": g.idle_timeout_s} if g.idle_timeout_s is not None else {}),
             }
             for g in k.worker_groups
         ],
         "autoscaler": {
             "enabled": k.autoscaler.enabled,
+            "version": k.autoscaler.version,
             "idleTimeoutSeconds": k.autoscaler.idle_timeout_s,
             "upscalingMode": k.autoscaler.upscaling_mode,
         },
@@ -156,6 +212,7 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
             "pvc": {
                 "claimName": k.storage.pvc_claim_name or "",
                 "create": k.storage.create_pvc,
+                "name": f"{base_name(cfg)}-storage",  # one volume for every stage's RayJob
                 "size": k.storage.pvc_size,
                 "storageClassName": k.storage.storage_class_name or "",
             },
@@ -164,6 +221,8 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
             "enabled": gcs.enabled,
             "redisAddress": gcs.redis_address,
             "redisPasswordSecret": _secret(gcs.redis_password_secret),
+            "redisUsernameSecret": _secret(gcs.redis_username_secret),
+            "externalStorageNamespace": gcs.external_storage_namespace or "",
         },
         "apiKeySecret": {**_secret(k.api_key_secret), "env": cfg.serve.api_keys_env},
         "stageModules": dict(STAGE_MODULES),
@@ -180,6 +239,15 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
         },
         "serve": serve,
         "serveDeployments": [deployment_options(cfg.serve), ingress_options(cfg.serve)],
+        "upgradeStrategy": {
+            "type": up.type,
+            "clusterUpgradeOptions": {
+                "maxSurgePercent": up.max_surge_percent,
+                "stepSizePercent": up.step_size_percent or 0,
+                "intervalSeconds": up.interval_s or 0,
+                "gatewayClassName": up.gateway_class_name or "",
+            },
+        },
         "service": {"type": k.endpoint.service_type, "port": k.endpoint.port},
         "ingress": {
             "enabled": k.endpoint.ingress.enabled,
@@ -187,6 +255,11 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
             "host": k.endpoint.ingress.host,
             "tlsSecretName": k.endpoint.ingress.tls_secret_name or "",
             "annotations": dict(k.endpoint.ingress.annotations),
+        },
+        "podMonitor": {
+            "enabled": k.pod_monitor.enabled,
+            "interval": k.pod_monitor.interval,
+            "labels": dict(k.pod_monitor.labels),
         },
     }
 
@@ -203,7 +276,22 @@ def helm_template(values: dict[str, Any], release: str, namespace: str, chart: P
     return proc.stdout
 
 
+def check_operator_rules(manifests: str) -> None:
+    """RenderError naming every rule the KubeRay operator would reject the rendered Ray object for."""
+    for doc in yaml.safe_load_all(manifests):
+        if doc and doc.get("apiVersion") == "ray.io/v1":
+            errors = operator_errors(doc)
+            if errors:
+                raise RenderError(
+                    f"the KubeRay operator would reject {doc['kind']} {doc['metadata']['name']}:\n  "
+                    + "\n  ".join(errors)
+                )
+
+
 def render(cfg: RunConfig, mode: str, stage: str = "train") -> str:
-    """Manifests (multi-document YAML) for `mode`, exactly as the chart renders them."""
+    """Manifests (multi-document YAML) for `mode`, exactly as the chart renders them, checked against the
+    operator's runtime rules (the CRD schema alone would let them through to a silent ValidationFailed)."""
     values = chart_values(cfg, mode, stage)
-    return helm_template(values, values["nameOverride"], cfg.k8s.namespace)
+    manifests = helm_template(values, values["nameOverride"], cfg.k8s.namespace)
+    check_operator_rules(manifests)
+    return manifests

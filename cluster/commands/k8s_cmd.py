@@ -1,4 +1,4 @@
-"""`raylm k8s render|apply|status|wait|delete`: the run file on Kubernetes through the raylm Helm chart.
+"""`raylm k8s render|apply|status|wait|token|delete`: the run file on Kubernetes through the raylm Helm chart.
 
 `render` is pure (real `helm template`, no cluster needed); the others talk to the API server named by
 the kubeconfig (or the pod's service account) through `cluster.kuberay`.
@@ -102,12 +102,19 @@ def apply_cmd(
     set_: SetOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="take over fields another field manager changed (server-side apply)"),
+    ] = False,
 ) -> None:
-    """Render FILE and create or update every object in the cluster."""
+    """Render FILE and create or update every object with server-side apply (field manager `raylm`).
+
+    A RayJob's name carries a hash of the config: a changed config starts a new run, the same config
+    that already ran is refused (delete it to run it again)."""
     cfg = load_or_exit(config, set_)
     docs = [d for d in yaml.safe_load_all(_render(cfg, mode.value, stage)) if d]
     try:
-        done = ManifestApplier(_client(cfg, kubeconfig, context)).apply(docs)
+        done = ManifestApplier(_client(cfg, kubeconfig, context), force=force).apply(docs)
     except KubeRayError as exc:
         fail(str(exc), code=1)
     for item in done:
@@ -146,10 +153,15 @@ def wait_cmd(
     poll_s: Annotated[float, typer.Option("--poll-s", min=0.01, help="seconds between polls")] = 5,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
+    running: Annotated[
+        bool, typer.Option("--running", help="job mode: return once the RayJob runs, not when it ends")
+    ] = False,
 ) -> None:
-    """Wait until the RayCluster/RayService is ready or the RayJob finished. Exit 1 if the job failed,
-    3 on timeout."""
+    """Wait until the RayCluster/RayService is ready or the RayJob finished (or runs, with --running).
+    Exit 1 if the job failed or KubeRay rejected the spec, 3 on timeout."""
     cfg = load_or_exit(config, set_)
+    if running and mode is not ModeChoice.job:
+        fail("--running applies to --mode job only")
     kind, name = MODE_KIND[mode.value], release_name(cfg, mode.value, stage)
     client = _client(cfg, kubeconfig, context)
     with console.status(f"waiting for {kind.kind} {name}") as spinner:
@@ -158,12 +170,19 @@ def wait_cmd(
             spinner.update(f"waiting for {kind.kind} {name}: {_short(status)}")
 
         try:
-            status = client.wait(kind, name, timeout_s=timeout_s, poll_s=poll_s, on_poll=show)
+            status = client.wait(
+                kind,
+                name,
+                timeout_s=timeout_s,
+                poll_s=poll_s,
+                on_poll=show,
+                until="running" if running else "ready",
+            )
         except WaitTimeoutError as exc:
             fail(str(exc), code=3)
         except KubeRayError as exc:
             fail(str(exc), code=1)
-    if isinstance(status, RayJobStatus) and not status.succeeded:
+    if isinstance(status, RayJobStatus) and status.finished and not status.succeeded:
         fail(
             f"RayJob {name} finished as {status.deployment_status}/{status.job_status}: {status.message}",
             code=1,
@@ -178,6 +197,28 @@ def _short(status: Status) -> str:
         apps = status.active.applications if status.active else {}
         return ", ".join(f"{n}={a.status}" for n, a in apps.items()) or "no applications yet"
     return status.state or "pending"
+
+
+@k8s_app.command("token")
+def token_cmd(
+    config: ConfigArg,
+    mode: ModeOpt = ModeChoice.cluster,
+    stage: StageOpt = "train",
+    set_: SetOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Print the Ray auth token of FILE's cluster (from KubeRay's Secret), e.g. for a port-forwarded
+    dashboard: `export RAY_AUTH_TOKEN=$(raylm k8s token run.yaml)`."""
+    cfg = load_or_exit(config, set_)
+    kind, name = MODE_KIND[mode.value], release_name(cfg, mode.value, stage)
+    try:
+        token = _client(cfg, kubeconfig, context).ray_token(kind, name)
+    except KubeRayError as exc:
+        fail(str(exc), code=1)
+    if token is None:
+        fail(f"{kind.kind} {name} runs without Ray token auth (k8s.ray_auth.enabled: false)", code=1)
+    typer.echo(token)
 
 
 @k8s_app.command("delete")

@@ -17,7 +17,7 @@ MODES = ("cluster", "job", "service")
 EXPECTED_KINDS = {
     "cluster": {"ConfigMap", "RayCluster"},
     "job": {"ConfigMap", "RayJob", "PersistentVolumeClaim"},
-    "service": {"ConfigMap", "RayService", "Service", "Ingress"},
+    "service": {"ConfigMap", "RayService", "Ingress"},
 }
 BAD_VALUES = Path(__file__).parent / "data" / "bad-values.yaml"
 
@@ -167,20 +167,22 @@ def test_service_mode_endpoint_ingress_secrets_and_gcs_ft(helm: str) -> None:
         d["kind"]: d
         for d in docs_of(run_helm(helm, "template", "ci", str(CHART), "-f", str(ci_values("service"))).stdout)
     }
-    svc, ing, rs = docs["Service"], docs["Ingress"], docs["RayService"]
-    assert svc["spec"]["selector"] == {
-        "app.kubernetes.io/name": "raylm",
-        "app.kubernetes.io/instance": "ci",
-        "ray.io/serve": "true",
-    }
+    ing, rs = docs["Ingress"], docs["RayService"]
+    # The endpoint is KubeRay's own serve Service: it selects the cluster KubeRay switched traffic to, so
+    # it never reaches a pending cluster mid-upgrade (a raylm-label selector would).
+    assert "Service" not in docs
+    serve_svc = rs["spec"]["serveService"]
+    assert "name" not in serve_svc.get("metadata", {}) and "selector" not in serve_svc["spec"]
+    assert serve_svc["spec"]["type"] == "ClusterIP"
+    port = {"name": "serve", "port": 8000, "targetPort": "serve", "protocol": "TCP"}
+    assert serve_svc["spec"]["ports"] == [port]
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
-    assert all(
-        head["metadata"]["labels"][k] == v for k, v in svc["spec"]["selector"].items() if k != "ray.io/serve"
-    )
     assert {"name": "serve", "containerPort": 8000} in head["spec"]["containers"][0]["ports"]
     rule = ing["spec"]["rules"][0]
     assert rule["host"] == "llm.example.com"
-    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == svc["metadata"]["name"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "ci-serve-svc", "port": {"name": "serve"}}
+    assert rs["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
     assert ing["spec"]["tls"] == [{"secretName": "llm-example-tls", "hosts": ["llm.example.com"]}]
     env = {e["name"]: e for e in head["spec"]["containers"][0]["env"]}
     assert env["RAYLM_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "raylm-api-keys", "key": "api-keys"}

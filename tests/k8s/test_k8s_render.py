@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def test_render_equals_helm_template_of_the_chart(
 def test_rayjob_entrypoint_is_the_submit_entrypoint(helm: str, run_file: Path, stage: str) -> None:
     docs = by_kind(render_cli(str(run_file), "--mode", "job", "--stage", stage))
     job = docs["RayJob"]
-    assert job["metadata"]["name"] == f"k8s-demo-{stage}"
+    assert re.fullmatch(f"k8s-demo-{stage}-[0-9a-f]{{6}}", job["metadata"]["name"])
     assert job["spec"]["entrypoint"] == entrypoint(stage, "/etc/raylm/run.yaml")
     assert job["metadata"]["labels"]["raylm.dev/stage"] == stage
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -186,8 +187,10 @@ def test_release_names_are_dns1035_labels(run_file: Path) -> None:
     """KubeRay refuses Ray object names that do not start with a letter."""
     cfg = load_config(run_file, ["cluster.run_name=7B_Model.v2"])
     assert release_name(cfg, "service") == "raylm-7b-model-v2"
-    assert release_name(cfg, "job", "finetune") == "raylm-7b-model-v2-finetune"
+    assert release_name(cfg, "job", "finetune").startswith("raylm-7b-model-v2-finetune-")
     assert release_name(load_config(run_file, ["k8s.release_name=chat"]), "cluster") == "chat"
+    long = load_config(run_file, ["k8s.release_name=a" + "b" * 39])
+    assert len(release_name(long, "job", "finetune")) <= 47  # KubeRay's limit for RayJob names
 
 
 def test_stage_entrypoint_contract() -> None:

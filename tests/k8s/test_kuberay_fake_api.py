@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.config import load_config
-from cluster.k8s_render import render
+from cluster.k8s_render import release_name, render
 from cluster.kuberay import (
     ConflictError,
     InvalidError,
@@ -35,6 +35,10 @@ def manifest(run_file: Path, mode: str, stage: str = "train") -> dict:
     return next(d for d in docs if d["apiVersion"] == "ray.io/v1")
 
 
+def job_name(run_file: Path, stage: str = "train", overrides: list[str] | None = None) -> str:
+    return release_name(load_config(run_file, overrides), "job", stage)
+
+
 def test_raycluster_create_wait_status_delete(helm: str, run_file: Path, kuberay: KubeRayClient) -> None:
     obj = manifest(run_file, "cluster")
     created = kuberay.create(obj)
@@ -54,7 +58,7 @@ def test_rayjob_runs_to_completion(helm: str, run_file: Path, kuberay: KubeRayCl
     seen: list[str] = []
     done = kuberay.wait(
         Kind.RAY_JOB,
-        "k8s-demo-data",
+        job_name(run_file, "data"),
         timeout_s=30,
         poll_s=0.01,
         on_poll=lambda s: seen.append(s.deployment_status),
@@ -62,15 +66,15 @@ def test_rayjob_runs_to_completion(helm: str, run_file: Path, kuberay: KubeRayCl
     assert isinstance(done, RayJobStatus)
     assert done.finished and done.succeeded and done.job_status == "SUCCEEDED"
     assert seen[:2] == ["Initializing", "Running"] and seen[-1] == "Complete"
-    assert done.cluster_name.startswith("k8s-demo-data-raycluster")
+    assert done.cluster_name.startswith(f"{job_name(run_file, 'data')}-raycluster")
 
 
 def test_rayjob_failure_is_reported_not_hidden(
     helm: str, run_file: Path, kuberay: KubeRayClient, fake_k8s: FakeKubeApi
 ) -> None:
-    fake_k8s.fail_jobs.add("k8s-demo-train")
+    fake_k8s.fail_jobs.add(job_name(run_file))
     kuberay.create(manifest(run_file, "job"))
-    done = kuberay.wait(Kind.RAY_JOB, "k8s-demo-train", timeout_s=30, poll_s=0.01)
+    done = kuberay.wait(Kind.RAY_JOB, job_name(run_file), timeout_s=30, poll_s=0.01)
     assert done.finished and not done.succeeded
     assert (done.deployment_status, done.job_status, done.failed_attempts) == ("Failed", "FAILED", 1)
 
@@ -93,24 +97,40 @@ def test_rayservice_status_shows_pending_then_active_cluster_and_app_health(
     assert app_status.deployments == {"LLMServer": "HEALTHY", "OpenAIIngress": "HEALTHY"}
 
 
-def test_create_twice_conflicts_and_apply_replaces(helm: str, run_file: Path, kuberay: KubeRayClient) -> None:
+def test_create_twice_conflicts(helm: str, run_file: Path, kuberay: KubeRayClient) -> None:
     obj = manifest(run_file, "cluster")
     kuberay.create(obj)
     with pytest.raises(ConflictError) as err:
         kuberay.create(obj)
     assert err.value.status == 409 and "already exists" in str(err.value)
+
+
+def test_fake_server_side_apply_creates_then_merges_as_raylm(
+    helm: str, run_file: Path, kuberay: KubeRayClient, fake_k8s: FakeKubeApi
+) -> None:
+    obj = manifest(run_file, "cluster")
+    created = kuberay.apply(obj)
+    assert created["metadata"]["generation"] == 1
+    managers = [(m["manager"], m["operation"]) for m in created["metadata"]["managedFields"]]
+    assert managers == [("raylm", "Apply")]
+    assert "f:workerGroupSpecs" in created["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]
     obj["spec"]["workerGroupSpecs"][0]["maxReplicas"] = 5
     updated = kuberay.apply(obj)
     assert updated["spec"]["workerGroupSpecs"][0]["maxReplicas"] == 5
     assert updated["metadata"]["generation"] == 2
+    assert ("PATCH", f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters/k8s-demo") in fake_k8s.requests
+    assert not any(method in ("PUT", "POST") for method, _ in fake_k8s.requests)  # apply never replaces
 
 
-def test_stale_replace_conflicts(helm: str, run_file: Path, kuberay: KubeRayClient) -> None:
-    obj = manifest(run_file, "cluster")
-    stale = kuberay.create(obj)
-    kuberay.apply(obj)  # someone else updates it: resourceVersion moves on
+def test_stale_patch_conflicts(helm: str, run_file: Path, kuberay: KubeRayClient) -> None:
+    stale = kuberay.apply(manifest(run_file, "cluster"))
+    kuberay.scale("k8s-demo", "gpu", replicas=2)  # someone else updates it: resourceVersion moves on
     with pytest.raises(ConflictError, match="has been modified"):
-        kuberay.replace(stale)
+        kuberay.patch(
+            Kind.RAY_CLUSTER,
+            "k8s-demo",
+            {"metadata": {"resourceVersion": stale["metadata"]["resourceVersion"]}, "spec": {"suspend": 1}},
+        )
 
 
 def test_not_found_everywhere(kuberay: KubeRayClient) -> None:
@@ -165,10 +185,9 @@ def test_cli_apply_status_wait_delete(
     common = [str(run_file), "--mode", "service", "--kubeconfig", str(kubeconfig)]
     result = runner.invoke(app, ["k8s", "apply", *common])
     assert result.exit_code == 0, result.output
-    kinds = {(p, name) for p, _, name in fake_k8s.objects}
+    kinds = {(p, name) for p, _, name in fake_k8s.objects if p != "secrets"}
     assert kinds == {
         ("configmaps", "k8s-demo-config"),
-        ("services", "k8s-demo-endpoint"),
         ("ingresses", "k8s-demo-endpoint"),
         ("rayservices", "k8s-demo"),
         ("persistentvolumeclaims", "k8s-demo-storage"),
@@ -192,7 +211,8 @@ def test_cli_apply_status_wait_delete(
 
     deleted = runner.invoke(app, ["k8s", "delete", *common])
     assert deleted.exit_code == 0, deleted.output
-    assert list(fake_k8s.objects) == [("persistentvolumeclaims", NAMESPACE, "k8s-demo-storage")]  # kept
+    kept = [k for k in fake_k8s.objects if k[0] != "secrets"]  # KubeRay's token Secret: the operator's
+    assert kept == [("persistentvolumeclaims", NAMESPACE, "k8s-demo-storage")]  # checkpoints are kept
     missing = runner.invoke(app, ["k8s", "status", *common])
     assert missing.exit_code == 1 and "404" in missing.output
 
@@ -200,15 +220,15 @@ def test_cli_apply_status_wait_delete(
 def test_cli_wait_exit_codes(helm: str, run_file: Path, kubeconfig: Path, fake_k8s: FakeKubeApi) -> None:
     common = [str(run_file), "--mode", "job", "--kubeconfig", str(kubeconfig)]
     assert runner.invoke(app, ["k8s", "apply", *common]).exit_code == 0
-    fake_k8s.fail_jobs.add("k8s-demo-train")
+    fake_k8s.fail_jobs.add(job_name(run_file))
     failed = runner.invoke(app, ["k8s", "wait", *common, "--poll-s", "0.01"])
     assert failed.exit_code == 1 and "Failed/FAILED" in failed.output
-    fake_k8s.stuck.add("k8s-demo-eval")
+    fake_k8s.stuck.add(job_name(run_file, "eval"))
     assert runner.invoke(app, ["k8s", "apply", *common, "--stage", "eval"]).exit_code == 0
     timed_out = runner.invoke(
         app, ["k8s", "wait", *common, "--stage", "eval", "--timeout-s", "0.1", "--poll-s", "0.02"]
     )
     assert timed_out.exit_code == 3 and "not ready after" in timed_out.output
-    # the PVC holds checkpoints: delete keeps it
+    # the PVC holds checkpoints, shared by every stage: delete keeps it
     assert runner.invoke(app, ["k8s", "delete", *common]).exit_code == 0
-    assert ("persistentvolumeclaims", NAMESPACE, "k8s-demo-train-storage") in fake_k8s.objects
+    assert ("persistentvolumeclaims", NAMESPACE, "k8s-demo-storage") in fake_k8s.objects

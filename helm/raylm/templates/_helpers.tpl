@@ -19,12 +19,28 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- end }}
 {{- end -}}
 
+{{/* Labels on the Ray object itself: Kueue admits RayJobs / RayClusters by their queue-name label. */}}
+{{- define "raylm.rayObjectLabels" -}}
+{{ include "raylm.labels" . }}
+{{- with .Values.kueueQueue }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{- define "raylm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "raylm.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.serviceAccountName -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "raylm.storageEnabled" -}}
 {{- if or .Values.storage.pvc.claimName .Values.storage.pvc.create -}}true{{- end -}}
 {{- end -}}
 
 {{- define "raylm.pvcName" -}}
-{{- default (printf "%s-storage" (include "raylm.fullname" .)) .Values.storage.pvc.claimName -}}
+{{- default (default (printf "%s-storage" (include "raylm.fullname" .)) .Values.storage.pvc.name) .Values.storage.pvc.claimName -}}
 {{- end -}}
 
 {{/* Requests equal limits: Ray sizes a node from its container limits. */}}
@@ -40,25 +56,36 @@ limits:
   {{- toYaml $q | nindent 2 }}
 {{- end -}}
 
+{{/* Env of a Ray container. Args: root (.), group. */}}
 {{- define "raylm.env" -}}
-{{- if .Values.apiKeySecret.name }}
-- name: {{ .Values.apiKeySecret.env }}
+{{- $root := .root -}}
+{{- with $root.Values.apiKeySecret }}
+{{- if .name }}
+- name: {{ .env }}
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.apiKeySecret.name }}
-      key: {{ .Values.apiKeySecret.key }}
+      name: {{ .name }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}
+{{- with .group.env }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
+{{/* Args: root (.), group. */}}
 {{- define "raylm.volumeMounts" -}}
 - name: run-config
-  mountPath: {{ .Values.configMountPath }}
+  mountPath: {{ .root.Values.configMountPath }}
   readOnly: true
 - name: dshm
   mountPath: /dev/shm
-{{- if include "raylm.storageEnabled" . }}
+{{- if include "raylm.storageEnabled" .root }}
 - name: storage
-  mountPath: {{ .Values.storage.mountPath }}
+  mountPath: {{ .root.Values.storage.mountPath }}
+{{- end }}
+{{- with .group.volumeMounts }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -66,14 +93,17 @@ limits:
 {{- define "raylm.volumes" -}}
 - name: run-config
   configMap:
-    name: {{ include "raylm.fullname" . }}-config
+    name: {{ include "raylm.fullname" .root }}-config
 - name: dshm
   emptyDir:
     medium: Memory
-{{- if include "raylm.storageEnabled" . }}
+{{- if include "raylm.storageEnabled" .root }}
 - name: storage
   persistentVolumeClaim:
-    claimName: {{ include "raylm.pvcName" . }}
+    claimName: {{ include "raylm.pvcName" .root }}
+{{- end }}
+{{- with .group.volumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end -}}
 
@@ -85,8 +115,17 @@ metadata:
   labels:
     {{- include "raylm.labels" $root | nindent 4 }}
 spec:
-  {{- with $root.Values.serviceAccountName }}
+  {{- with include "raylm.serviceAccountName" $root }}
   serviceAccountName: {{ . }}
+  {{- end }}
+  {{- with $root.Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $root.Values.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
+  {{- with $root.Values.runtimeClassName }}
+  runtimeClassName: {{ . }}
   {{- end }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
@@ -104,6 +143,14 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with $g.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   containers:
     - name: {{ ternary "ray-head" "ray-worker" .head }}
       image: {{ printf "%s:%s" $root.Values.image.repository $root.Values.image.tag | quote }}
@@ -112,24 +159,28 @@ spec:
         {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
       resources:
         {{- include "raylm.resources" (dict "resources" $g.resources "gpuResourceName" $g.gpuResourceName) | nindent 8 }}
-      {{- with include "raylm.env" $root | trim }}
+      {{- with include "raylm.env" (dict "root" $root "group" $g) | trim }}
       env:
         {{- . | nindent 8 }}
       {{- end }}
-      {{- if .head }}
+      {{- with $g.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       ports:
+      {{- if .head }}
         - {name: gcs-server, containerPort: 6379}
         - {name: dashboard, containerPort: 8265}
         - {name: client, containerPort: 10001}
         - {name: serve, containerPort: {{ int $root.Values.serve.port }}}
       {{- else if eq $root.Values.mode "service" }}
-      ports:
         - {name: serve, containerPort: {{ int $root.Values.serve.port }}}
       {{- end }}
+        - {name: metrics, containerPort: 8080}
       volumeMounts:
-        {{- include "raylm.volumeMounts" $root | nindent 8 }}
+        {{- include "raylm.volumeMounts" (dict "root" $root "group" $g) | nindent 8 }}
   volumes:
-    {{- include "raylm.volumes" $root | nindent 4 }}
+    {{- include "raylm.volumes" (dict "root" $root "group" $g) | nindent 4 }}
 {{- end -}}
 
 {{/* rayStartParams values must be strings in the CRD. */}}
@@ -142,9 +193,20 @@ spec:
 {{/* The RayCluster spec shared by all three modes. */}}
 {{- define "raylm.rayClusterSpec" -}}
 rayVersion: {{ .Values.rayVersion | quote }}
+{{- /* KubeRay creates the token Secret and sets RAY_AUTH_MODE / RAY_AUTH_TOKEN in every Ray container */}}
+authOptions:
+  {{- if .Values.rayAuth.enabled }}
+  mode: token
+  {{- with .Values.rayAuth.secretName }}
+  secretName: {{ . }}
+  {{- end }}
+  {{- else }}
+  mode: disabled
+  {{- end }}
 enableInTreeAutoscaling: {{ .Values.autoscaler.enabled }}
 {{- if .Values.autoscaler.enabled }}
 autoscalerOptions:
+  version: {{ .Values.autoscaler.version | default "v1" }}
   upscalingMode: {{ .Values.autoscaler.upscalingMode }}
   idleTimeoutSeconds: {{ int .Values.autoscaler.idleTimeoutSeconds }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -165,10 +227,27 @@ gcsFaultToleranceOptions:
         key: {{ .key }}
   {{- end }}
   {{- end }}
+  {{- with .Values.gcsFaultTolerance.redisUsernameSecret }}
+  {{- if .name }}
+  redisUsername:
+    valueFrom:
+      secretKeyRef:
+        name: {{ .name }}
+        key: {{ .key }}
+  {{- end }}
+  {{- end }}
+  {{- with .Values.gcsFaultTolerance.externalStorageNamespace }}
+  externalStorageNamespace: {{ . | quote }}
+  {{- end }}
+{{- end }}
+{{- $headParams := dict "dashboard-host" "0.0.0.0" -}}
+{{- if eq .Values.mode "service" }}
+{{- /* Serve replicas on workers: the head keeps the GCS, the controller and the proxy */}}
+{{- $_ := set $headParams "num-cpus" "0" -}}
 {{- end }}
 headGroupSpec:
   rayStartParams:
-    {{- include "raylm.rayStartParams" (merge (dict "dashboard-host" "0.0.0.0") .Values.head.rayStartParams) | nindent 4 }}
+    {{- include "raylm.rayStartParams" (merge (deepCopy .Values.head.rayStartParams) $headParams) | nindent 4 }}
   template:
     {{- include "raylm.podTemplate" (dict "root" . "group" .Values.head "head" true) | nindent 4 }}
 workerGroupSpecs:
@@ -177,6 +256,9 @@ workerGroupSpecs:
     replicas: {{ int .replicas }}
     minReplicas: {{ int .minReplicas }}
     maxReplicas: {{ int .maxReplicas }}
+    {{- if hasKey . "idleTimeoutSeconds" }}
+    idleTimeoutSeconds: {{ int .idleTimeoutSeconds }}
+    {{- end }}
     rayStartParams:
       {{- include "raylm.rayStartParams" (default dict .rayStartParams) | nindent 6 }}
     template:
