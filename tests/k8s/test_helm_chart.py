@@ -15,7 +15,7 @@ from tests.k8s.crd_schema import CRD_DIR, crd_errors
 
 MODES = ("cluster", "job", "service")
 EXPECTED_KINDS = {
-    "cluster": {"ConfigMap", "RayCluster"},
+    "cluster": {"ConfigMap", "RayCluster", "ServiceAccount", "NetworkPolicy", "PodMonitor"},
     "job": {"ConfigMap", "RayJob", "PersistentVolumeClaim"},
     "service": {"ConfigMap", "RayService", "Ingress"},
 }
