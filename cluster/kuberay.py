@@ -18,6 +18,7 @@ import base64
 import contextlib
 import copy
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -512,7 +513,8 @@ class KubeRayClient:
             if on_poll:
                 on_poll(last)
             reached = last.running if until == "running" else last.ready  # type: ignore[union-attr]
-            reason = None if reached else self.rejection(kind, last)
+            # a rejected RayJob counts as finished; a RayCluster's events are only worth a call while waiting
+            reason = self.rejection(kind, last) if not (reached and kind is Kind.RAY_CLUSTER) else None
             if reason:
                 raise OperatorRejectedError(f"KubeRay rejected {kind.kind} {name}: {reason}", 422)
             if reached:
@@ -606,9 +608,12 @@ def token_for_address(address: str) -> Any:
     m = HEAD_SERVICE.match(host)
     if not m:
         return None
+    config_file = os.environ.get("KUBECONFIG") or None  # read now: the package reads it once, at import
     try:
-        k8s_config.load_kube_config()
-        namespace = m["namespace"] or k8s_config.list_kube_config_contexts()[1]["context"].get("namespace")
+        k8s_config.load_kube_config(config_file=config_file)
+        namespace = m["namespace"] or k8s_config.list_kube_config_contexts(config_file)[1]["context"].get(
+            "namespace"
+        )
     except (k8s_config.ConfigException, OSError, TypeError, KeyError):
         return None
     client = KubeRayClient(k8s.ApiClient(), namespace or "default")

@@ -344,6 +344,9 @@ class FakeKubeApi:
                 _delete(obj, path)
         for path, value in applied.items():
             _set(obj, path, copy.deepcopy(value))
+        unchanged = obj == _without_status(current) and self.managed[key].get(me) == set(applied)
+        if unchanged:  # a no-op apply writes nothing: the resourceVersion stays
+            return 200, self._shown(key)
         self._store(key, kind, obj)
         self._take(key, me, set(applied) if force else set(), set(applied))
         self.managed[key][me] = set(applied)
