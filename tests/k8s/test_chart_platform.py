@@ -91,6 +91,10 @@ def test_network_policy_admits_head_ports_only_from_own_pods_and_clients(helm: s
     assert clients["from"] == [{"podSelector": {"matchLabels": {"app": "notebook"}}}]
     assert {p["port"] for p in clients["ports"]} == {6379, 8265, 10001}
     assert serve == {"ports": [{"port": 8000, "protocol": "TCP"}]}  # the endpoint checks API keys itself
+    monitored = rendered(
+        run_file, "cluster", "k8s.network_policy.enabled=true", "k8s.pod_monitor.enabled=true"
+    )
+    assert monitored["NetworkPolicy"]["spec"]["ingress"][2]["ports"][1] == {"port": 8080, "protocol": "TCP"}
     default = rendered(run_file, "cluster", "k8s.network_policy.enabled=true")["NetworkPolicy"]
     assert default["spec"]["ingress"][1]["from"] == [
         {

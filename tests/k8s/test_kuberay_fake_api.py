@@ -129,7 +129,10 @@ def test_stale_patch_conflicts(helm: str, run_file: Path, kuberay: KubeRayClient
         kuberay.patch(
             Kind.RAY_CLUSTER,
             "k8s-demo",
-            {"metadata": {"resourceVersion": stale["metadata"]["resourceVersion"]}, "spec": {"suspend": 1}},
+            {
+                "metadata": {"resourceVersion": stale["metadata"]["resourceVersion"]},
+                "spec": {"suspend": True},
+            },
         )
 
 
