@@ -123,6 +123,23 @@ def test_incremental_upgrade_strategy_renders_gateway_options(helm: str, run_fil
             "gatewayClassName": "istio",
         },
     }
+    proc = run_helm(
+        helm,
+        "template",
+        str(CHART),
+        "-f",
+        str(CHART / "ci" / "service-values.yaml"),
+        "--set",
+        "upgradeStrategy.type=NewClusterWithIncrementalUpgrade",
+        "--set",
+        "upgradeStrategy.clusterUpgradeOptions.stepSizePercent=10",
+        "--set",
+        "upgradeStrategy.clusterUpgradeOptions.intervalSeconds=10",
+        "--set",
+        "upgradeStrategy.clusterUpgradeOptions.gatewayClassName=istio",
+        check=False,
+    )
+    assert proc.returncode != 0 and "the Gateway KubeRay creates (<name>-gateway)" in proc.stderr
     none = rendered(run_file, "service", "k8s.upgrade_strategy.type=None")["RayService"]
     assert none["spec"]["upgradeStrategy"] == {"type": "None"}
 
