@@ -245,6 +245,21 @@ class JobConfig(_Section):
     backoff_limit: int = Field(0, ge=0, description="retries of the whole RayJob on failure")
     active_deadline_seconds: int | None = Field(None, ge=1, description="kill the job after this long")
     submission_mode: Literal["K8sJobMode", "HTTPMode", "SidecarMode"] = "K8sJobMode"
+    deletion_strategy: dict[str, Any] | None = Field(
+        None,
+        description="RayJob spec.deletionStrategy (onSuccess/onFailure or deletionRules); needs KubeRay's "
+        "RayJobDeletionPolicy feature gate; checked against the operator's rules at render",
+    )
+
+    @model_validator(mode="after")
+    def _deletion_keys(self) -> JobConfig:
+        unknown = set(self.deletion_strategy or {}) - {"onSuccess", "onFailure", "deletionRules"}
+        if unknown:
+            raise ValueError(
+                f"deletion_strategy: unknown keys {sorted(unknown)}; allowed: onSuccess, onFailure, "
+                "deletionRules"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ttl_needs_shutdown(self) -> JobConfig:

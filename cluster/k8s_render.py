@@ -236,6 +236,7 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
             "entrypointNumCpus": cfg.cluster.entrypoint_num_cpus,
             "entrypointNumGpus": cfg.cluster.entrypoint_num_gpus,
             "runtimeEnv": runtime_env,
+            **({"deletionStrategy": k.job.deletion_strategy} if k.job.deletion_strategy else {}),
         },
         "serve": serve,
         "serveDeployments": [deployment_options(cfg.serve), ingress_options(cfg.serve)],

@@ -168,6 +168,7 @@ def test_incremental_upgrade_strategy_renders_gateway_options(helm: str, run_fil
         (['k8s.head.env=[{"name": "X"}]'], "exactly one of value and value_from"),
         (["k8s.kueue_queue=Team_A"], "kueue_queue"),
         (["k8s.pod_monitor.interval=often"], "pod_monitor.interval"),
+        (['k8s.job.deletion_strategy={"onSucces": {}}'], "unknown keys"),
     ],
 )
 def test_k8s_config_rejects_bad_knobs_naming_the_field(

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from cluster.cli import app
 from cluster.k8s_render import RenderError, check_operator_rules
 from cluster.kuberay_rules import operator_errors
 from tests.k8s.conftest import CHART, docs_of, run_helm
@@ -342,3 +345,34 @@ def test_render_check_fails_naming_the_object_and_rule(helm: str) -> None:
         check_operator_rules(text)
     assert "the KubeRay operator would reject RayJob rules" in str(err.value)
     assert "spec.ttlSecondsAfterFinished: needs shutdownAfterJobFinishes: true" in str(err.value)
+
+
+def test_render_refuses_what_the_operator_would_refuse(helm: str, run_file: Path) -> None:
+    """End to end: a config the typed config accepts but KubeRay would fail at runtime (deletionRules
+    with shutdownAfterJobFinishes) never leaves `raylm k8s render`."""
+    rules = '{"deletionRules": [{"policy": "DeleteCluster", "condition": {"jobStatus": "SUCCEEDED"}}]}'
+    result = CliRunner().invoke(
+        app, ["k8s", "render", str(run_file), "--mode", "job", "--set", f"k8s.job.deletion_strategy={rules}"]
+    )
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "the KubeRay operator would reject RayJob" in out
+    assert "deletionRules: mutually exclusive with shutdownAfterJobFinishes" in out
+    ok = CliRunner().invoke(
+        app,
+        [
+            "k8s",
+            "render",
+            str(run_file),
+            "--mode",
+            "job",
+            "--set",
+            f"k8s.job.deletion_strategy={rules}",
+            "--set",
+            "k8s.job.shutdown_after_finishes=false",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    job = next(d for d in docs_of(ok.stdout) if d["kind"] == "RayJob")
+    assert job["spec"]["deletionStrategy"]["deletionRules"][0]["policy"] == "DeleteCluster"
+    assert crd_errors(job) == []
