@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.text import Text
 
 from jobs.metrics import METRICS_FILE
@@ -32,6 +40,11 @@ from jobs.metrics import METRICS_FILE
 class _BarWhenCounted(BarColumn):
     """A bar only for lines that count steps; the others show just their text."""
 
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.total is not None else Text("")
+
+
+class _StepsWhenCounted(MofNCompleteColumn):
     def render(self, task: Task) -> Text:
         return super().render(task) if task.total is not None else Text("")
 
@@ -74,6 +87,7 @@ class StageDisplay:
             SpinnerColumn(),
             TextColumn("[bold]{task.description:<10}"),
             _BarWhenCounted(bar_width=24),
+            _StepsWhenCounted(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             console=console,

@@ -194,23 +194,17 @@ def run_key(cfg: RunConfig) -> str | None:
 
 def running_endpoint(cfg: RunConfig, api_key: str | None) -> ChatEndpoint | None:
     """The run's endpoint on this host if one answers at serve.port, else None."""
-    from openai import APIConnectionError, APITimeoutError, OpenAI
+    from openai import APIConnectionError, APIStatusError, OpenAI
 
     base = f"http://127.0.0.1:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
     key = api_key or run_key(cfg) or "unused"
     try:
         OpenAI(base_url=base, api_key=key, max_retries=0, timeout=3).models.list()
-    except (APIConnectionError, APITimeoutError):
+    except APIStatusError:
+        pass  # something answers there (a refused key is reported when the chat starts)
+    except APIConnectionError:  # includes timeouts
         return None
     return ChatEndpoint(base, key)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_for_session(cfg: RunConfig, folder: Path, log_dir: str) -> ChatEndpoint:
@@ -219,6 +213,7 @@ def serve_for_session(cfg: RunConfig, folder: Path, log_dir: str) -> ChatEndpoin
     import ray
     from ray import serve
 
+    from cluster.local_cluster import free_port
     from cluster.local_ray import ensure_ray
     from cluster.logs import library_output_to, log_file_for, verbose
     from cluster.pipeline import deploy, with_absolute_storage
@@ -242,7 +237,11 @@ def serve_for_session(cfg: RunConfig, folder: Path, log_dir: str) -> ChatEndpoin
         )
 
     if not verbose():
-        console.print(f"[dim]library output (Ray, Serve) → {log_path} (--verbose: here)[/]", highlight=False)
+        console.print(
+            f"[dim]library output (Ray, Serve) → {log_path} (--verbose: here)[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
     with quiet(), StageDisplay(console) as display, display.stage("endpoint", "starting Ray"):
         ensure_ray(cfg.cluster, log_to_driver=verbose())
         endpoint = deploy(cfg, folder, console, app_name=app_name)
@@ -313,6 +312,8 @@ def chat(
             served = [m.id for m in client.models.list().data]
         except openai.AuthenticationError:
             fail(f"{endpoint.base_url} refused the API key: pass --api-key or set OPENAI_API_KEY")
+        except openai.APIStatusError as exc:
+            fail(f"{endpoint.base_url}/models answered {exc.status_code}: not an OpenAI-compatible endpoint?")
         except openai.APIConnectionError:
             fail(f"nothing answers at {endpoint.base_url}")
         if model and model not in served:

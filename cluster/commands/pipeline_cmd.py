@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cluster.commands._common import ConfigArg, SetOpt, console, err_console, fail, load_or_exit
+
+if TYPE_CHECKING:
+    from cluster.config import RunConfig
+    from cluster.pipeline import Endpoint, Invocation
 
 KeepServing = Annotated[
     bool,
@@ -80,7 +85,7 @@ def _disconnect_ray() -> None:
         ray.shutdown()
 
 
-def _run(cfg, invocation, log_path) -> None:
+def _run(cfg: RunConfig, invocation: Invocation, log_path: Path | None) -> None:
     from cluster.pipeline import EXIT_GATE, GateError, PipelineError, endpoint_lifetime, run_pipeline
 
     report = f"{cfg.run_dir()}/report.md"
@@ -125,7 +130,7 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def serve_until_interrupted(ep) -> None:
+def serve_until_interrupted(ep: Endpoint) -> None:
     """--keep-serving: block until Ctrl-C (or SIGTERM) while the endpoint answers."""
     import signal
     import threading
