@@ -119,6 +119,8 @@ class StageDisplay:
         finally:
             _current.reset(token)
             self.progress.remove_task(task_id)
+            if self.progress.live.is_started:
+                self.progress.refresh()  # so the finished line is not redrawn under its summary
 
     def heartbeat(self, line: StageLine, info: str, completed: int | None, total: int | None) -> None:
         """Off a terminal, print a stage's progress now and then (nothing redraws in a file)."""
