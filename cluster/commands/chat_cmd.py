@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext, suppress
@@ -277,6 +278,10 @@ def open_endpoint(target: Path, overrides: list[str] | None, api_key: str | None
     return serve_for_session(cfg, folder, cfg.run_dir())
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def chat(
     target: Target = None,
     base_url: BaseUrl = None,
@@ -298,6 +303,8 @@ def chat(
     from cluster.logs import set_verbose
 
     set_verbose(verbose)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or `kill` still stops our endpoint
+        signal.signal(sig, _exit_on_signal)
     if base_url:
         endpoint = ChatEndpoint(base_url.rstrip("/"), api_key or "unused")
     elif target is not None:
