@@ -21,14 +21,22 @@ def default_local_cpus() -> int:
     return max(4, 2 * (os.cpu_count() or 1))
 
 
-def ensure_ray(cfg: ClusterConfig) -> None:
-    """Join `cluster.address` (or RAY_ADDRESS), else start an embedded local Ray with token auth on."""
+def ensure_ray(cfg: ClusterConfig, log_to_driver: bool = True) -> None:
+    """Join `cluster.address` (or RAY_ADDRESS), else start an embedded local Ray with token auth on.
+
+    `log_to_driver=False` keeps the workers' output in Ray's session logs instead of this process's
+    terminal (`raylm chat` uses it while it owns the terminal).
+    """
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         log.info("joined Ray at %s", address)
         return
-    ray.init(num_cpus=cfg.local_num_cpus or default_local_cpus(), include_dashboard=False)
+    ray.init(
+        num_cpus=cfg.local_num_cpus or default_local_cpus(),
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+    )
     log.info("started embedded Ray with %s logical CPUs", ray.cluster_resources().get("CPU"))

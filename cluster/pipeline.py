@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from cluster.config import RunConfig
+from cluster.progress import StageDisplay, current_line, follow_metrics, training_summary
 
 STAGES_DIR = "stages"
 SERVE_APP_NAME = "raylm"
@@ -114,6 +115,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, stages: list[Stage], console: Console | None = None):
         self.cfg, self.stages = cfg, stages
         self.console = console or Console()
+        self.display = StageDisplay(self.console)
         self.run_dir = Path(cfg.run_dir())
         self.outcomes: list[Outcome] = []
 
@@ -136,7 +138,7 @@ class Pipeline:
         for stage in self.stages:
             if not stage.applies(self.cfg):
                 self.outcomes.append(Outcome(stage.name, "n/a", detail={"why": stage.why_not}))
-                self.console.print(f"[dim]- {stage.name}: not needed ({stage.why_not})[/]")
+                self.console.print(f"[dim]- {stage.name:<10} not needed ({stage.why_not})[/]")
                 continue
             key = self._key(stage, upstream)
             path = self.record_path(stage)
@@ -144,8 +146,11 @@ class Pipeline:
             current = record is not None and record.key == key
             if current and record.status == "done" and stage.output(self.cfg).exists():
                 self.outcomes.append(Outcome(stage.name, "skipped", record.seconds or 0.0, record.detail))
+                summary = record.detail.get("summary") or str(stage.output(self.cfg))
                 self.console.print(
-                    f"[green]✓ {stage.name}[/]: up to date, skipped ({stage.output(self.cfg)})"
+                    f"[green]✓[/] {stage.name:<10} up to date, skipped · {summary}",
+                    highlight=False,
+                    soft_wrap=True,
                 )
                 upstream = f"{key}@{record.finished_unix_s}"
                 continue
@@ -155,22 +160,29 @@ class Pipeline:
                     f"[yellow]{stage.name}: discarding checkpoints of an earlier configuration[/]"
                 )
                 shutil.rmtree(self.run_dir / stage.train_dir)
-            verb = "resuming" if resume else "running"
-            self.console.rule(f"[bold]{stage.name}[/] · {verb}")
             record = StageRecord(stage.name, key, "running", time.time())
             record.save(path)
             started = time.perf_counter()
             try:
-                detail = stage.run(self.cfg, resume) or {}
-            except Exception:
-                self.outcomes.append(Outcome(stage.name, "failed", time.perf_counter() - started))
+                with self.display.stage(stage.name, "resuming…" if resume else ""):
+                    detail = stage.run(self.cfg, resume) or {}
+            except BaseException:
+                seconds = time.perf_counter() - started
+                self.outcomes.append(Outcome(stage.name, "failed", seconds))
+                self.console.print(f"[red]✗[/] {stage.name:<10} failed after {seconds:.0f} s")
                 raise
             record.status, record.finished_unix_s = "done", time.time()
             record.seconds = round(time.perf_counter() - started, 1)
             record.detail = detail
             record.save(path)
             self.outcomes.append(Outcome(stage.name, "ran", record.seconds, detail))
-            self.console.print(f"[green]✓ {stage.name}[/]: done in {record.seconds:.0f} s")
+            summary = f" · {detail['summary']}" if detail.get("summary") else ""
+            verb = "resumed, done" if resume else "done"
+            self.console.print(
+                f"[green]✓[/] {stage.name:<10} {verb} in {record.seconds:.0f} s{summary}",
+                highlight=False,
+                soft_wrap=True,
+            )
             upstream = f"{key}@{record.finished_unix_s}"
         return self.outcomes
 
@@ -193,7 +205,8 @@ def _data_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     out = _run_dir(cfg) / "data" / "inputs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
-    return summary
+    source = "built-in demo corpus" if summary["demo"] else f"{len(files)} file(s)"
+    return summary | {"summary": f"{source}, {summary['bytes']:,} bytes"}
 
 
 def _tokenizer_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
@@ -201,8 +214,10 @@ def _tokenizer_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     from data_pipelines.tokenizer import load_tokenizer
 
     data, files = resolve_corpus(cfg.data, cfg.run_dir())
+    current_line().update(f"training a {cfg.tokenizer.vocab_size:,}-token {cfg.tokenizer.kind} tokenizer")
     path = ensure_tokenizer(data, cfg.tokenizer, cfg.run_dir(), files)
-    return {"path": str(path), "vocab_size": len(load_tokenizer(path))}
+    vocab = len(load_tokenizer(path))
+    return {"path": str(path), "vocab_size": vocab, "summary": f"{cfg.tokenizer.kind}, {vocab:,} tokens"}
 
 
 def _shards_manifest(cfg: RunConfig) -> Path:
@@ -215,32 +230,55 @@ def _tokens_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     from data_pipelines.pipeline import prepare
     from data_pipelines.stats import CorpusStats
 
-    manifest = prepare(cfg.data, cfg.tokenizer, cfg.run_dir())
-    Console().print(CorpusStats.from_dict(manifest["stats"]).table())
-    return {"manifest": str(_shards_manifest(cfg)), "splits": manifest["splits"]}
+    line, seq_len = current_line(), cfg.data.seq_len
+    line.update("reading, cleaning and tokenizing the corpus")
+
+    def on_blocks(split: str, blocks: int) -> None:
+        line.update(f"{split}: {blocks:,} blocks · {blocks * seq_len:,} tokens")
+
+    manifest = prepare(cfg.data, cfg.tokenizer, cfg.run_dir(), on_blocks=on_blocks)
+    stats = CorpusStats.from_dict(manifest["stats"])
+    dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(stats.dropped.items()) if v) or "none"
+    summary = (
+        f"{stats.documents_kept:,}/{stats.documents_read:,} documents kept (dropped: {dropped}) · "
+        f"{stats.tokens:,} tokens in {stats.blocks:,} blocks of {seq_len}"
+    )
+    return {"manifest": str(_shards_manifest(cfg)), "splits": manifest["splits"], "summary": summary}
 
 
 def _pretrain_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     from jobs.pretrain import run
 
-    result = run(cfg, resume=resume)
-    return {"export": str(result.export_dir), "checkpoint": str(result.checkpoint)}
+    stage_dir = _run_dir(cfg) / "pretrain"
+    with follow_metrics(stage_dir, cfg.train.max_steps):
+        result = run(cfg, resume=resume)
+    summary = training_summary(stage_dir)
+    return {"export": str(result.export_dir), "checkpoint": str(result.checkpoint), "summary": summary}
 
 
 def _finetune_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     from jobs.finetune import run
 
-    return {"export": str(run(cfg, resume=resume))}
+    stage_dir = _run_dir(cfg) / "finetune"
+    with follow_metrics(stage_dir, cfg.finetune.max_steps):
+        export = run(cfg, resume=resume)
+    return {"export": str(export), "summary": training_summary(stage_dir)}
 
 
 def _eval_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     from jobs.evaluate import run
 
+    current_line().update(f"answering up to {cfg.eval.max_examples} held-out questions per model")
     results = run(cfg)
-    return {
+    scores = {
         name: {k: r[k] for k in ("exact_match", "token_f1") if k in r}
         for name, r in results["models"].items()
     }
+    summary = " · ".join(
+        f"{name} exact match {s.get('exact_match', 0):.2f}, F1 {s.get('token_f1', 0):.2f}"
+        for name, s in scores.items()
+    )
+    return scores | {"summary": summary}
 
 
 def export_dir(cfg: RunConfig, name: str) -> Path:
@@ -332,6 +370,7 @@ class Endpoint:
     model: str
     api_key: str | None
     key_source: str
+    key_file: Path | None = None  # set when the key was generated into the run folder
 
 
 def resolve_api_key(cfg: RunConfig, console: Console) -> tuple[str | None, str]:
@@ -358,12 +397,21 @@ def resolve_api_key(cfg: RunConfig, console: Console) -> tuple[str | None, str]:
     os.environ[cfg.serve.api_keys_env] = key  # build_app reads the keys here, in the driver
     console.print(
         f"[bold]generated an API key[/] for this local deploy (saved to {key_file}, mode 600):\n"
-        f"  export OPENAI_API_KEY=$(cat {key_file})"
+        f"  export OPENAI_API_KEY=$(cat {key_file})",
+        soft_wrap=True,
     )
     return key, f"generated ({key_file})"
 
 
-def deploy(cfg: RunConfig, folder: Path, console: Console) -> Endpoint:
+def serve_logging() -> dict[str, Any]:
+    """Serve's logging config: no per-request access log lines unless the user asked for --verbose
+    (request counts and latencies stay available at /metrics)."""
+    from cluster.logs import verbose
+
+    return {"enable_access_log": verbose()}
+
+
+def deploy(cfg: RunConfig, folder: Path, console: Console, app_name: str = SERVE_APP_NAME) -> Endpoint:
     """Run the OpenAI-compatible Serve app on `folder` and wait until it answers."""
     from ray import serve
 
@@ -371,14 +419,15 @@ def deploy(cfg: RunConfig, folder: Path, console: Console) -> Endpoint:
 
     key, source = resolve_api_key(cfg, console)
     section = cfg.serve.model_dump(mode="json") | {"model_path": str(folder)}
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=serve_logging())
     app = build_app({"model_path": str(folder), "serve": section})
-    with console.status(f"deploying {folder} on Ray Serve (replicas load the weights)"):
-        serve.run(app, name=SERVE_APP_NAME, route_prefix=cfg.serve.route_prefix)
+    current_line().update(f"starting {folder.name} on Ray Serve (replicas load the weights)")
+    serve.run(app, name=app_name, route_prefix=cfg.serve.route_prefix, logging_config=serve_logging())
     http = serve.context._get_global_client().http_config  # the proxy that runs, if Serve was already up
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     base = f"http://{host}:{http.port}{cfg.serve.route_prefix.rstrip('/')}/v1"
-    return Endpoint(base, cfg.serve.model_name or folder.name, key, source)
+    key_file = _run_dir(cfg) / "serve" / "api_key" if source.startswith("generated") else None
+    return Endpoint(base, cfg.serve.model_name or folder.name, key, source, key_file)
 
 
 def smoke_requests(endpoint: Endpoint, questions: list[str], max_tokens: int) -> list[dict[str, str]]:
@@ -410,6 +459,14 @@ def smoke_questions(cfg: RunConfig, n: int = 3) -> list[str]:
 
 # ---- the command -------------------------------------------------------------------------------------
 @dataclass
+class Invocation:
+    """How the user started this run, to tell them how to bring the endpoint back."""
+
+    config_args: list[str] = field(default_factory=lambda: ["run.yaml"])  # the file, then any --set a=b
+    keep_serving: bool = False
+
+
+@dataclass
 class PipelineResult:
     outcomes: list[Outcome]
     endpoint: Endpoint | None = None
@@ -417,6 +474,35 @@ class PipelineResult:
     gate: str = ""
     report: Path | None = None
     seconds: float = 0.0
+    embedded: bool = True  # Ray (and so the endpoint) lives and dies with this command
+    invocation: Invocation = field(default_factory=Invocation)
+
+
+def endpoint_lifetime(result: PipelineResult) -> list[str]:
+    """Plain sentences for the terminal and report.md: does the endpoint outlive the command, and
+    which command brings it back. Commands are in backticks."""
+    ep = result.endpoint
+    if ep is None:
+        return []
+    args = result.invocation.config_args
+    serve_args = [*args, "--set", f"serve.api_key_file={ep.key_file}"] if ep.key_file else args
+    again = f"`{shlex.join(['raylm', 'serve', *serve_args])}`"
+    chat = f"`{shlex.join(['raylm', 'chat', *args])}`"
+    if not result.embedded:
+        return [
+            f"The endpoint {ep.base_url} keeps running on the Ray cluster this command joined "
+            f"(Serve application `{SERVE_APP_NAME}`); chat with it: "
+            f"`raylm chat --base-url {ep.base_url}`.",
+        ]
+    if result.invocation.keep_serving:
+        when = "was served until the command was interrupted (--keep-serving), then stopped with it"
+    else:
+        when = "stopped when the command ended"
+    return [
+        f"The endpoint {ep.base_url} ran on this command's embedded Ray and {when}.",
+        f"Bring it back: {again}; or chat with the model: {chat} (it starts its own endpoint).",
+        f"To keep it up after the pipeline: `{shlex.join(['raylm', 'pipeline', *args])} --keep-serving`.",
+    ]
 
 
 def with_absolute_storage(cfg: RunConfig) -> RunConfig:
@@ -434,37 +520,62 @@ def run_pipeline(
     stages: list[Stage] | None = None,
     deploy_model_fn: Callable[[RunConfig, Path, Console], Endpoint] = deploy,
     console: Console | None = None,
+    invocation: Invocation | None = None,
 ) -> PipelineResult:
     """Every stage, the gate, the deploy and the smoke requests; the report is written in any case."""
+    import ray
+
     from cluster.local_ray import ensure_ray
     from cluster.report import write_report
 
     console = console or Console()
     started = time.perf_counter()
     cfg = with_absolute_storage(cfg)
+    embedded = not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(cfg.cluster)
     quiet_data_progress()
     pipeline = Pipeline(cfg, stages if stages is not None else default_stages(), console)
-    result = PipelineResult(pipeline.outcomes)
+    result = PipelineResult(pipeline.outcomes, embedded=embedded, invocation=invocation or Invocation())
     try:
-        pipeline.run()
-        name, folder = deploy_model(cfg)
-        result.gate = check_gate(cfg, name)
-        console.print(f"[green]✓ gate[/]: {result.gate}")
-        detail = verify_export(folder)
-        pipeline.outcomes.append(Outcome("export", "ran", 0.0, detail))
-        console.print(f"[green]✓ export[/]: serving {folder}")
-        result.endpoint = deploy_model_fn(cfg, folder, console)
-        pipeline.outcomes.append(Outcome("deploy", "ran", 0.0, {"base_url": result.endpoint.base_url}))
-        result.answers = smoke_requests(result.endpoint, smoke_questions(cfg), cfg.eval.max_new_tokens)
-        pipeline.outcomes.append(Outcome("smoke", "ran", 0.0, {"requests": len(result.answers)}))
+        with pipeline.display:
+            pipeline.run()
+            name, folder = deploy_model(cfg)
+            result.gate = check_gate(cfg, name)
+            console.print(f"[green]✓[/] {'gate':<10} {result.gate}", highlight=False, soft_wrap=True)
+            detail = verify_export(folder)
+            pipeline.outcomes.append(Outcome("export", "ran", 0.0, detail))
+            console.print(f"[green]✓[/] {'export':<10} {folder}", highlight=False, soft_wrap=True)
+            with pipeline.display.stage("deploy"):
+                t0 = time.perf_counter()
+                result.endpoint = deploy_model_fn(cfg, folder, console)
+            seconds = time.perf_counter() - t0
+            pipeline.outcomes.append(
+                Outcome("deploy", "ran", seconds, {"base_url": result.endpoint.base_url})
+            )
+            console.print(
+                f"[green]✓[/] {'deploy':<10} done in {seconds:.0f} s · {result.endpoint.base_url} "
+                f"(model {result.endpoint.model})",
+                highlight=False,
+                soft_wrap=True,
+            )
+            with pipeline.display.stage("smoke", "asking held-out questions through the openai client"):
+                t0 = time.perf_counter()
+                result.answers = smoke_requests(
+                    result.endpoint, smoke_questions(cfg), cfg.eval.max_new_tokens
+                )
+            seconds = time.perf_counter() - t0
+            pipeline.outcomes.append(Outcome("smoke", "ran", seconds, {"requests": len(result.answers)}))
+            console.print(
+                f"[green]✓[/] {'smoke':<10} {len(result.answers)} answers through the openai client",
+                highlight=False,
+                soft_wrap=True,
+            )
     except GateError as exc:
         result.gate = str(exc)
         raise
     finally:
         result.seconds = round(time.perf_counter() - started, 1)
         result.report = write_report(cfg, result)
-        console.print(f"report: [bold]{result.report}[/]")
     return result
 
 
@@ -477,13 +588,3 @@ def quiet_data_progress() -> None:
 
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def outcome_table(outcomes: list[Outcome]) -> Table:
-    table = Table(title="pipeline", header_style="bold")
-    table.add_column("stage")
-    table.add_column("status")
-    table.add_column("seconds", justify="right")
-    for o in outcomes:
-        table.add_row(o.stage, o.status, f"{o.seconds:.0f}" if o.status == "ran" and o.seconds else "")
-    return table

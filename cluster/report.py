@@ -78,9 +78,12 @@ def _endpoint_section(cfg: RunConfig, result: Any) -> list[str]:
         lines += [f"- evaluation gate: {result.gate.removeprefix('evaluation gate: ')}"]
     if ep is None:
         return lines + ["- not deployed", ""]
+    from cluster.pipeline import endpoint_lifetime
+
     lines += [
         f"- OpenAI-compatible base URL: `{ep.base_url}` (model `{ep.model}`)",
         f"- API key: {ep.key_source}",
+        *(f"- {sentence}" for sentence in endpoint_lifetime(result)),
         "",
         "```bash",
         f'curl {ep.base_url}/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" \\',
@@ -92,7 +95,8 @@ def _endpoint_section(cfg: RunConfig, result: Any) -> list[str]:
     if result.answers:
         lines += ["**Smoke requests (openai client)**", ""]
         for a in result.answers:
-            lines += [f"- **Q:** {a['question']}", f"  - **A:** {a['answer'] or '(empty)'}"]
+            answer = " ".join(a["answer"].split()) or "(empty)"
+            lines += [f"- **Q:** {a['question']}", f"  - **A:** {answer}"]
         lines.append("")
     return lines
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,10 @@ from data_pipelines.shards import (
 )
 from data_pipelines.stats import CorpusStats, combine, new_ledger
 from data_pipelines.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+
+# The packer's max_restarts / allow_out_of_order_execution have no named map_batches parameter in Ray
+# 2.60, only the deprecated **ray_remote_args; silence that one warning for this module's calls.
+warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning, __name__)
 
 TOKENIZER_STAMP = "raylm_tokenizer.json"
 SPLITS = ("train", "val")
@@ -123,7 +128,7 @@ def _task_args(data: DataConfig, files: list[InputFile]) -> dict[str, Any]:
     """
     cpus = _cluster_cpus()
     cap = data.tokenize_tasks or min(cpus, len(plan_reads(files, data, cpus)))
-    return {"batch_format": "pyarrow", "concurrency": cap}
+    return {"batch_format": "pyarrow", "compute": ray.data.TaskPoolStrategy(size=cap)}
 
 
 def _cluster_cpus() -> int:

@@ -416,6 +416,7 @@ def fit(spec: LoopSpec, datasets: dict[str, Any], resume: bool = False, progress
     overwritten); leftovers of a run that never checkpointed are cleared. With `resume`, `fit()`
     reuses the same Ray run name and storage, so Ray hands the newest checkpoint to the workers.
     """
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -426,8 +427,8 @@ def fit(spec: LoopSpec, datasets: dict[str, Any], resume: bool = False, progress
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Same block order on every (re)start, so skipping the consumed batch count resumes exactly.
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
+    # (Built directly: DataConfig.default_ingest_options() passes the deprecated exclude_resources.)
+    ingest = ExecutionOptions(preserve_order=True)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker

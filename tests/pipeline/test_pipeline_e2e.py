@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,18 @@ def test_pipeline_runs_to_the_endpoint_then_skips_and_gates(ray_cluster, tmp_pat
     try:
         first = raylm("pipeline", str(config))
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-        assert "endpoint: http://127.0.0.1:" in first.stdout
         assert first.stdout.count("Q:") >= 3 and "generated an API key" in first.stdout
+        # The terminal shows raylm's lines only; the libraries' output is in the log file it names.
+        terminal = first.stdout + first.stderr
+        assert len(terminal.splitlines()) <= 60, terminal
+        for noise in ("Warning", "pid=", "INFO", "WARNING", "Traceback"):
+            assert noise not in terminal, noise
+        log = Path(re.search(r"library output \(.*?\) → (\S+\.log)", terminal).group(1))
+        assert log.parent == run_dir / "logs" and "RayTrainWorker" in log.read_text()
+        for stage in ("pretrain", "finetune"):
+            assert re.search(rf"✓ {stage} +done in \d+ s · 20 steps · loss [\d.]+ → [\d.]+", terminal), stage
+        # This run joined the test cluster, so the endpoint outlives the command, and both places say so.
+        assert "keeps running on the Ray cluster this command joined" in first.stdout
 
         report = (run_dir / "report.md").read_text()
         for needle in (
@@ -55,6 +66,7 @@ def test_pipeline_runs_to_the_endpoint_then_skips_and_gates(ray_cluster, tmp_pat
             "](pretrain/loss_curve.png)",
             "](finetune/loss_curve.png)",
             "OpenAI-compatible base URL",
+            "keeps running on the Ray cluster this command joined",
             "documents:",
             "**Q:**",
         ):
