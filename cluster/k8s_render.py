@@ -21,7 +21,7 @@ from cluster.config import ConfigError, RunConfig, dump_config
 from cluster.k8s_config import SecretKeyRef
 from cluster.stages import STAGE_MODULES
 from cluster.tools.install_helm import helm_binary
-from serve.options import deployment_options, ingress_options
+from serve.options import app_deployments
 
 Mode = Literal["job", "service", "cluster"]
 MODES: tuple[str, ...] = ("job", "service", "cluster")
@@ -179,7 +179,7 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
             "runtimeEnv": runtime_env,
         },
         "serve": serve,
-        "serveDeployments": [deployment_options(cfg.serve), ingress_options(cfg.serve)],
+        "serveDeployments": app_deployments(cfg.serve),
         "service": {"type": k.endpoint.service_type, "port": k.endpoint.port},
         "ingress": {
             "enabled": k.endpoint.ingress.enabled,
