@@ -42,6 +42,9 @@ class ServeConfig(BaseModel):
         ge=0,
         description="prompt tokens prefilled per engine step, between decode steps (0 = whole prompts)",
     )
+    max_prefill_delay_steps: int = Field(
+        4, ge=0, description="decode steps a newcomer may wait so that several share one prefill forward"
+    )
     stream_max_chunks_per_s: float = Field(
         400, gt=0, description="SSE chunks/s a replica aims at; above it, chunks carry several tokens"
     )

@@ -98,6 +98,7 @@ class OpenAIServer(LLMServer):
             self.cfg.max_batch_size,
             torch_threads(self.cfg),
             prefill_chunk_tokens=self.cfg.prefill_chunk_tokens,
+            max_prefill_delay_steps=self.cfg.max_prefill_delay_steps,
             stream_max_chunks_per_s=self.cfg.stream_max_chunks_per_s,
             stream_interval_max_ms=self.cfg.stream_interval_max_ms,
         )

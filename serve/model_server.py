@@ -89,6 +89,7 @@ class LLMServer:
         torch_threads: int,
         *,
         prefill_chunk_tokens: int = 128,
+        max_prefill_delay_steps: int = 4,
         stream_max_chunks_per_s: float = 400.0,
         stream_interval_max_ms: float = 100.0,
     ) -> None:
@@ -118,7 +119,12 @@ class LLMServer:
         self._generate_lock = threading.Lock()
         if not self.encoder_decoder:
             self.engine = BatchEngine(
-                self.model, pad, max_batch_size, self._deliver, prefill_chunk_tokens=prefill_chunk_tokens
+                self.model,
+                pad,
+                max_batch_size,
+                self._deliver,
+                prefill_chunk_tokens=prefill_chunk_tokens,
+                max_prefill_delay_steps=max_prefill_delay_steps,
             )
             self.engine.start()
         log.info("LLMServer loaded %s (%s on %s, %s)", model_path, type(self.model).__name__, device, dtype)

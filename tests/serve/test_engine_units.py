@@ -106,10 +106,11 @@ def _jobs(tokenizer, shakespeare, count: int) -> list[tuple[list[int], int]]:
     return jobs
 
 
-@pytest.mark.parametrize("chunk", [0, 16])
-def test_engine_greedy_equals_model_generate_one_at_a_time(model, tokenizer, shakespeare, chunk):
+@pytest.mark.parametrize(("chunk", "delay"), [(0, 0), (16, 3)])
+def test_engine_greedy_equals_model_generate_one_at_a_time(model, tokenizer, shakespeare, chunk, delay):
     """An independent reference: `model.generate` per request vs the engine with staggered arrivals,
-    mixed prompt lengths (2..~120 tokens), slot reuse (4 slots, 10 requests) and chunked prefill."""
+    mixed prompt lengths (2..~120 tokens), slot reuse (4 slots, 10 requests), chunked prefill and
+    newcomers gathered for a shared prefill."""
     jobs = _jobs(tokenizer, shakespeare, 10)
     with torch.inference_mode():
         reference = [
@@ -117,7 +118,14 @@ def test_engine_greedy_equals_model_generate_one_at_a_time(model, tokenizer, sha
             for p, n in jobs
         ]
     collector = Collector(len(jobs))
-    engine = _engine(model, tokenizer, collector, max_batch_size=4, prefill_chunk_tokens=chunk)
+    engine = _engine(
+        model,
+        tokenizer,
+        collector,
+        max_batch_size=4,
+        prefill_chunk_tokens=chunk,
+        max_prefill_delay_steps=delay,
+    )
     eos = frozenset({tokenizer.eos_token_id})
     seqs = [Sequence(p, n, eos, SamplingParams(temperature=0.0), owner=i) for i, (p, n) in enumerate(jobs)]
     try:
@@ -126,6 +134,7 @@ def test_engine_greedy_equals_model_generate_one_at_a_time(model, tokenizer, sha
     finally:
         engine.stop()
     assert collector.tokens == reference
+    assert sum(map(len, reference)) > 100  # not all cut short by an early eos
     assert stats["peak_running"] == 4 and stats["running"] == 0
 
 
