@@ -71,11 +71,13 @@ class _Request:
         self.open = choices  # sequences not finished yet
         self.streaming = streaming
         self.steps = 0  # steps with outputs since the last chunk
+        self.started = False  # the first chunk (time to first token) never waits for the interval
         self.flushed = time.monotonic()
         self.ready = asyncio.Event()
 
     def take(self) -> list[Output]:
         outputs, self.pending, self.steps, self.flushed = self.pending, [], 0, time.monotonic()
+        self.started = True
         return outputs
 
 
@@ -155,7 +157,9 @@ class LLMServer:
         interval, now = self.stream_interval(), time.monotonic()
         for req in touched:
             req.steps += 1
-            due = req.streaming and (req.steps >= interval or now - req.flushed >= self.interval_max_s)
+            due = req.streaming and (
+                not req.started or req.steps >= interval or now - req.flushed >= self.interval_max_s
+            )
             if req.open == 0 or due:
                 req.ready.set()
 
