@@ -179,8 +179,16 @@ class LLMServer:
                     top_k=request["top_k"],
                     seed=None if seed is None else seed + j,
                 )
-                seq = Sequence(prompt, max_tokens, stop_ids, params, owner, len(seqs), logprobs)
-                seq.prompt_logprobs = bool(request.get("prompt_logprobs"))
+                seq = Sequence(
+                    prompt,
+                    max_tokens,
+                    stop_ids,
+                    params,
+                    owner=owner,
+                    index=len(seqs),
+                    logprobs=logprobs,
+                    prompt_logprobs=bool(request.get("prompt_logprobs")),
+                )
                 seqs.append(seq)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt)
                 choices.append(ChoiceText(detok, list(request["stop"]), stop_ids))
