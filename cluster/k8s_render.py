@@ -25,7 +25,7 @@ from cluster.k8s_config import SecretKeyRef
 from cluster.kuberay_rules import operator_errors
 from cluster.stages import STAGE_MODULES
 from cluster.tools.install_helm import helm_binary
-from serve.options import deployment_options, ingress_options
+from serve.options import app_deployments
 
 Mode = Literal["job", "service", "cluster"]
 MODES: tuple[str, ...] = ("job", "service", "cluster")
@@ -239,7 +239,7 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
             **({"deletionStrategy": k.job.deletion_strategy} if k.job.deletion_strategy else {}),
         },
         "serve": serve,
-        "serveDeployments": [deployment_options(cfg.serve), ingress_options(cfg.serve)],
+        "serveDeployments": app_deployments(cfg.serve),
         "upgradeStrategy": {
             "type": up.type,
             "clusterUpgradeOptions": {

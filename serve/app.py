@@ -1,8 +1,9 @@
 """The Serve application builder: `serve run serve.app:build_app model_path=...`, `serve deploy`, RayService.
 
 `args` = {"model_path": str, "serve": <serve section as a dict, or a JSON string from the command line>}.
-The app is two deployments: `OpenAIIngress` (HTTP, auth, validation, tokenization) → `LLMServer`
-(the model and its batching engine, autoscaled). Their options come from `serve.options`.
+The app is one autoscaled deployment, `LLMServer`: the model, its batching engine and the OpenAI routes
+(`serve.ingress.OpenAIServer`), so each token makes one hop (replica → proxy). Its options come from
+`serve.options`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from ray.serve import Application
 
 from serve.auth import load_key_digests
 from serve.config import ServeConfig
-from serve.ingress import OpenAIIngress
-from serve.model_server import LLMServer
-from serve.options import deployment_options, ingress_options
+from serve.ingress import OpenAIServer
+from serve.options import deployment_options
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ def parse_args(args: dict[str, Any]) -> tuple[str, ServeConfig]:
     return str(model_path), cfg
 
 
-def torch_threads(cfg: ServeConfig) -> int:
-    return cfg.torch_threads_per_replica or max(1, int(cfg.num_cpus_per_replica))
-
-
 def build_app(args: dict[str, Any]) -> Application:
     model_path, cfg = parse_args(args)
     if cfg.engine == "vllm":
@@ -54,8 +50,5 @@ def build_app(args: dict[str, Any]) -> Application:
             f"serve.require_api_key is true but ${cfg.api_keys_env} and serve.api_key_file hold no key;"
             " set one, or serve.require_api_key=false for local use only"
         )
-    llm = serve.deployment(LLMServer, **deployment_options(cfg)).bind(
-        model_path, cfg.max_batch_size, torch_threads(cfg)
-    )
-    ingress = serve.deployment(OpenAIIngress, **ingress_options(cfg))
-    return ingress.bind(llm, model_path, cfg.model_dump(mode="json"), digests)
+    deployment = serve.deployment(OpenAIServer, **deployment_options(cfg))
+    return deployment.bind(model_path, cfg.model_dump(mode="json"), digests)

@@ -36,11 +36,21 @@ class ServeConfig(BaseModel):
     torch_threads_per_replica: int | None = Field(
         None, ge=1, description="intra-op threads of a model replica (default: its num_cpus, at least 1)"
     )
-    ingress_replicas: int = Field(
-        1, ge=1, description="HTTP ingress replicas (light: tokenize, route, stream)"
+    max_batch_size: int = Field(32, ge=1, description="KV cache slots: sequences decoded together per step")
+    prefill_chunk_tokens: int = Field(
+        128,
+        ge=0,
+        description="prompt tokens prefilled per engine step, between decode steps (0 = whole prompts)",
     )
-    ingress_num_cpus: float = Field(0.25, ge=0, description="logical CPUs reserved per ingress replica")
-    max_batch_size: int = Field(32, ge=1, description="sequences decoded together per step")
+    max_prefill_delay_steps: int = Field(
+        4, ge=0, description="decode steps a newcomer may wait so that several share one prefill forward"
+    )
+    stream_max_chunks_per_s: float = Field(
+        400, gt=0, description="SSE chunks/s a replica aims at; above it, chunks carry several tokens"
+    )
+    stream_interval_max_ms: float = Field(
+        100, gt=0, description="longest a streamed token waits for its chunk when many streams run"
+    )
     api_keys_env: str = Field("RAYLM_API_KEYS", description="env var holding comma-separated API keys")
     api_key_file: str | None = Field(None, description="file with one API key per line")
     require_api_key: bool = Field(True, description="false only for local experiments")

@@ -1,24 +1,31 @@
-"""`LLMServer`: the model deployment. Loads a HF folder and streams tokens out of the batching engine.
+"""`LLMServer`: a loaded HF folder and its batch engine, streaming each request's tokens as text chunks.
 
-The ingress sends token ids (it tokenizes, so it can enforce limits without a model call); this replica
-turns generated ids back into text (incremental detokenization, stop strings) and yields, per chunk,
-the new text of every choice of one request. All sequences of a request (several prompts, n > 1) ride
-in the same running batch. When the caller goes away (client disconnect → Serve cancels the request
-down the handle chain), the `finally` below frees the sequences' batch slots at the next step.
+The OpenAI routes (`serve.ingress.OpenAIServer`) subclass it, so an HTTP request and the model share
+one replica: a token goes engine thread → this event loop → Serve proxy → client, with no handle hop.
+
+Per engine step the engine makes one call (`_deliver`), which crosses to the event loop once and
+hands each request the outputs of all its sequences. A request's coroutine wakes when its chunk is
+due: at once while few streams run; when many run, after `interval` steps (a chunk then carries
+every token since the last one), so the chunks per second the replica sends stay near
+`stream_max_chunks_per_s` however many clients stream, and never later than `stream_interval_max_ms`.
+Detokenization and stop strings run once per chunk, not per token. When the caller goes away (client
+disconnect → Serve cancels the request), the `finally` below frees the sequences' slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from serve.engine import BatchEngine, Sequence
+from serve.engine import BatchEngine, Output, Sequence
 from serve.sampling import SamplingParams
 from serve.text import ChoiceText, IncrementalDetokenizer
 
@@ -45,61 +52,126 @@ def eos_token_ids(tokenizer: Any, config: Any) -> set[int]:
     return ids
 
 
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when present (fp32 on CPU: exact padding math, no near-tie flips)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
 def _chunk_item(index: int) -> dict[str, Any]:
     return {"index": index, "text": "", "tokens": 0, "finish_reason": None}
+
+
+class _Request:
+    """One request's outputs between the engine thread's `_deliver` and its response coroutine."""
+
+    def __init__(self, choices: int, streaming: bool) -> None:
+        self.pending: list[Output] = []
+        self.open = choices  # sequences not finished yet
+        self.streaming = streaming
+        self.steps = 0  # steps with outputs since the last chunk
+        self.started = False  # the first chunk (time to first token) never waits for the interval
+        self.flushed = time.monotonic()
+        self.ready = asyncio.Event()
+
+    def take(self) -> list[Output]:
+        outputs, self.pending, self.steps, self.flushed = self.pending, [], 0, time.monotonic()
+        self.started = True
+        return outputs
 
 
 class LLMServer:
     """One model replica: a loaded HF model, its tokenizer and (for decoder-only models) a batch engine."""
 
-    def __init__(self, model_path: str, max_batch_size: int, torch_threads: int) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        max_batch_size: int,
+        torch_threads: int,
+        *,
+        prefill_chunk_tokens: int = 128,
+        max_prefill_delay_steps: int = 4,
+        stream_max_chunks_per_s: float = 400.0,
+        stream_interval_max_ms: float = 100.0,
+    ) -> None:
         torch.set_num_threads(torch_threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         auto = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
-        # fp32 on CPU: exact padding math and no near-tie flips between batch sizes.
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        device, dtype = pick_device()
         self.model = auto.from_pretrained(
-            model_path, dtype=dtype, local_files_only=True, use_safetensors=True  # never unpickle weights
+            model_path,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,  # never unpickle weights
         ).eval()
-        if torch.cuda.is_available():
-            self.model.to("cuda")
+        self.model.to(device)
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, config))
         self.chat_stop_ids = frozenset(self.eos_ids | chat_stop_token_ids(self.tokenizer))
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else next(iter(self.eos_ids), 0)
+        self.max_chunks_per_s = stream_max_chunks_per_s
+        self.interval_max_s = stream_interval_max_ms / 1000
+        self.chunks_sent = 0  # SSE-bound chunks handed out (benchmarks read chunks/s and tokens/chunk)
+        self.tokens_sent = 0
         self.engine: BatchEngine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._generate_lock = threading.Lock()
         if not self.encoder_decoder:
-            self.engine = BatchEngine(self.model, pad, max_batch_size)
+            self.engine = BatchEngine(
+                self.model,
+                pad,
+                max_batch_size,
+                self._deliver,
+                prefill_chunk_tokens=prefill_chunk_tokens,
+                max_prefill_delay_steps=max_prefill_delay_steps,
+            )
             self.engine.start()
-        log.info("LLMServer loaded %s (%s)", model_path, type(self.model).__name__)
+        log.info("LLMServer loaded %s (%s on %s, %s)", model_path, type(self.model).__name__, device, dtype)
 
-    def _choice_text(
-        self, prompt: list[int], request: dict[str, Any], stop_ids: frozenset[int]
-    ) -> ChoiceText:
-        return ChoiceText(IncrementalDetokenizer(self.tokenizer, prompt), list(request["stop"]), stop_ids)
+    # ---- engine thread → event loop ---------------------------------------------------------------
+    def _deliver(self, outputs: list[Output]) -> None:
+        """Engine thread: one hop to the event loop per step, whatever the number of requests."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """Stream chunks `[{"index", "text", "tokens", "finish_reason"}, ...]` for every choice of a request.
-
-        `request`: prompts (token id lists), n, max_tokens (one per prompt), temperature, top_p, top_k,
-        seed, stop (strings), chat (bool: also stop at the end-of-turn token), ignore_eos.
-        """
-        if self.encoder_decoder:
-            yield await self._generate_seq2seq(request)
-            return
+    def stream_interval(self) -> int:
+        """Steps per chunk: 1 while every stream getting every token stays under the chunk budget."""
         assert self.engine is not None
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, int, str | None]] = asyncio.Queue()
+        running, step_s = self.engine.running, self.engine.step_s
+        if running <= 1 or step_s <= 0:
+            return 1
+        return max(1, math.ceil(running / (step_s * self.max_chunks_per_s)))
+
+    def _dispatch(self, outputs: list[Output]) -> None:
+        """Event loop: file each output with its request; wake the requests whose chunk is due."""
+        touched: dict[_Request, None] = {}
+        for out in outputs:
+            req: _Request = out.seq.owner
+            req.pending.append(out)
+            if out.finish_reason is not None:
+                req.open -= 1
+            touched[req] = None
+        interval, now = self.stream_interval(), time.monotonic()
+        for req in touched:
+            req.steps += 1
+            due = req.streaming and (
+                not req.started or req.steps >= interval or now - req.flushed >= self.interval_max_s
+            )
+            if req.open == 0 or due:
+                req.ready.set()
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def _sequences(self, request: dict[str, Any], owner: _Request) -> tuple[list[Sequence], list[ChoiceText]]:
         stop_ids = self.chat_stop_ids if request.get("chat") else self.eos_ids
         if request.get("ignore_eos"):
             stop_ids = frozenset()
         seqs: list[Sequence] = []
         choices: list[ChoiceText] = []
-        n, seed = request["n"], request.get("seed")
-        for p, (prompt, max_tokens) in enumerate(zip(request["prompts"], request["max_tokens"], strict=True)):
+        n, seed, logprobs = request["n"], request.get("seed"), request.get("logprobs")
+        for prompt, max_tokens in zip(request["prompts"], request["max_tokens"], strict=True):
             for j in range(n):
                 params = SamplingParams(
                     temperature=request["temperature"],
@@ -107,39 +179,83 @@ class LLMServer:
                     top_k=request["top_k"],
                     seed=None if seed is None else seed + j,
                 )
+                seq = Sequence(
+                    prompt,
+                    max_tokens,
+                    stop_ids,
+                    params,
+                    owner=owner,
+                    index=len(seqs),
+                    logprobs=logprobs,
+                    prompt_logprobs=bool(request.get("prompt_logprobs")),
+                )
+                seqs.append(seq)
+                detok = IncrementalDetokenizer(self.tokenizer, prompt)
+                choices.append(ChoiceText(detok, list(request["stop"]), stop_ids))
+        return seqs, choices
 
-                def emit(token: int, reason: str | None, index: int = p * n + j) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, token, reason))
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream chunks `[{"index", "text", "tokens", "finish_reason"[, "logprobs"]}, ...]` of a request.
 
-                seqs.append(Sequence(prompt, max_tokens, stop_ids, params, emit))
-                choices.append(self._choice_text(prompt, request, stop_ids))
+        `request`: prompts (token id lists), n, max_tokens (one per prompt), temperature, top_p, top_k,
+        seed, stop (strings), chat (bool: also stop at the end-of-turn token), ignore_eos, stream
+        (False: one chunk at the end), logprobs (None or top-k count), prompt_logprobs (bool).
+        Items carry `logprobs` [(token, logprob, top)] when asked, and `prompt_logprobs` once.
+        """
+        if self.encoder_decoder:
+            yield await self._generate_seq2seq(request)
+            return
+        assert self.engine is not None
+        self._loop = asyncio.get_running_loop()
+        req = _Request(len(request["prompts"]) * request["n"], request.get("stream", True))
+        seqs, choices = self._sequences(request, req)
         self.engine.submit(seqs)
         open_choices = set(range(len(seqs)))
         try:
             while open_choices:
-                events = [await queue.get()]
-                while not queue.empty():
-                    events.append(queue.get_nowait())
-                chunk: dict[int, dict[str, Any]] = {}
-                for index, token, reason in events:
-                    if index not in open_choices:
-                        continue
-                    if reason == "error":
-                        raise RuntimeError("generation failed in the batch engine")
-                    choice = choices[index]
-                    out = chunk.setdefault(index, _chunk_item(index))
-                    out["text"] += choice.push(token, reason)
-                    out["tokens"] += 1
-                    if choice.finish_reason is not None:
-                        out["finish_reason"] = choice.finish_reason
-                        open_choices.discard(index)
-                        if reason is None:  # a stop string ended it: the engine still runs it
-                            self.engine.cancel([seqs[index]])
+                await req.ready.wait()
+                req.ready.clear()
+                chunk = self._chunk(req.take(), seqs, choices, open_choices)
                 if chunk:
-                    yield list(chunk.values())
+                    self.chunks_sent += 1
+                    yield chunk
         finally:
             if open_choices:
                 self.engine.cancel([seqs[i] for i in open_choices])
+
+    def _chunk(
+        self, outputs: list[Output], seqs: list[Sequence], choices: list[ChoiceText], open_choices: set[int]
+    ) -> list[dict[str, Any]]:
+        """Turn one flush of engine outputs into chunk items: one detokenization per choice."""
+        by_choice: dict[int, list[Output]] = {}
+        for out in outputs:
+            by_choice.setdefault(out.seq.index, []).append(out)
+        chunk = []
+        for index, outs in by_choice.items():
+            if index not in open_choices:
+                continue
+            if outs[-1].finish_reason == "error":
+                raise RuntimeError("generation failed in the batch engine")
+            choice, before = choices[index], choices[index].tokens
+            tokens = [o.token for o in outs if o.token is not None]
+            item = _chunk_item(index)
+            item["text"] = choice.extend(tokens, outs[-1].finish_reason)
+            item["tokens"] = choice.tokens - before
+            self.tokens_sent += item["tokens"]
+            if seqs[index].logprobs is not None:
+                item["logprobs"] = [(o.token, o.logprob, o.top) for o in outs if o.token is not None]
+                item["logprobs"] = item["logprobs"][: item["tokens"]]
+            scored = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+            if scored is not None:
+                item["prompt_logprobs"] = scored
+            if choice.finish_reason is not None:
+                item["finish_reason"] = choice.finish_reason
+                open_choices.discard(index)
+                if outs[-1].finish_reason is None:  # a stop string ended it: the engine still runs it
+                    assert self.engine is not None
+                    self.engine.cancel([seqs[index]])
+            chunk.append(item)
+        return chunk
 
     async def _generate_seq2seq(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         """Encoder-decoder models: one `generate` call per sequence (simple path, no iteration batching)."""
@@ -149,7 +265,9 @@ class LLMServer:
             for j in range(n):
                 sequence_seed = None if seed is None else seed + j
                 ids = await asyncio.to_thread(self._seq2seq_once, prompt, max_tokens, request, sequence_seed)
-                choice = self._choice_text([], request, self.eos_ids)
+                choice = ChoiceText(
+                    IncrementalDetokenizer(self.tokenizer, []), list(request["stop"]), self.eos_ids
+                )
                 item = _chunk_item(p * n + j)
                 for k, token in enumerate(ids):
                     reason = None
@@ -181,8 +299,14 @@ class LLMServer:
         return ids
 
     def stats(self, reset_peak: bool = False) -> dict[str, int]:
-        """Engine counters: running, waiting, steps, cancelled, peak_running (freed slots, real batching)."""
-        return self.engine.stats(reset_peak) if self.engine else {}
+        """Engine counters (running, waiting, steps, cancelled, peak_running) and chunks/tokens sent."""
+        if self.engine is None:
+            return {}
+        return {
+            **self.engine.stats(reset_peak),
+            "chunks_sent": self.chunks_sent,
+            "tokens_sent": self.tokens_sent,
+        }
 
     def check_health(self) -> None:
         if self.engine is not None and not self.engine.alive:

@@ -11,7 +11,7 @@ from typing import Any
 from serve.config import ServeConfig
 
 LLM_DEPLOYMENT = "LLMServer"
-INGRESS_DEPLOYMENT = "OpenAIIngress"
+HEADROOM_REQUESTS = 64  # /healthz, /metrics, /v1/models and requests about to be refused with a 503
 
 
 def autoscaling_config(cfg: ServeConfig) -> dict[str, Any]:
@@ -26,16 +26,36 @@ def autoscaling_config(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def admitted_requests(cfg: ServeConfig) -> int | None:
+    """Generation requests one replica holds (decoding or waiting) before it answers 503; None: no limit."""
+    if cfg.max_queued_requests < 0:
+        return None
+    return cfg.max_ongoing_requests + cfg.max_queued_requests
+
+
+def torch_threads(cfg: ServeConfig) -> int:
+    return cfg.torch_threads_per_replica or max(1, int(cfg.num_cpus_per_replica))
+
+
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Options of the model deployment `LLMServer` (`serve.deployment(**opts)`, serveConfigV2)."""
+    """Options of the one deployment `LLMServer` (model + OpenAI routes; `serve.deployment(**opts)`).
+
+    The replica serves HTTP itself, so Serve's proxy must hand it every request: a rejection by Serve's
+    router would reach the client as plain text, and the router counts a burst's not-yet-assigned
+    requests as queued. So Serve's limits are the replica's own admission limit plus headroom (its
+    queue that much per replica), and the replica answers requests beyond `max_ongoing_requests +
+    max_queued_requests` with an OpenAI-shaped 503.
+    """
     actor: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_replica}
     if cfg.num_gpus_per_replica:
         actor["num_gpus"] = cfg.num_gpus_per_replica
+    admitted = admitted_requests(cfg)
+    per_replica = (admitted or cfg.max_ongoing_requests) + HEADROOM_REQUESTS
     return {
         "name": LLM_DEPLOYMENT,
         "autoscaling_config": autoscaling_config(cfg),
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-        "max_queued_requests": cfg.max_queued_requests,
+        "max_ongoing_requests": per_replica,
+        "max_queued_requests": -1 if admitted is None else per_replica * max(cfg.max_replicas, 1),
         "health_check_period_s": cfg.health_check_period_s,
         "health_check_timeout_s": cfg.health_check_timeout_s,
         "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
@@ -44,20 +64,6 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
-def ingress_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Options of the HTTP ingress (`OpenAIIngress`): one light replica; backpressure lives in LLMServer.
-
-    Its own limit is large (every queued and running model request plus headroom), so the 503 a client
-    sees comes from the model deployment's `max_queued_requests`, not from the ingress.
-    """
-    queued = cfg.max_queued_requests if cfg.max_queued_requests >= 0 else 10_000
-    return {
-        "name": INGRESS_DEPLOYMENT,
-        "num_replicas": cfg.ingress_replicas,
-        "max_ongoing_requests": cfg.max_ongoing_requests * max(cfg.max_replicas, 1) + queued + 64,
-        "health_check_period_s": cfg.health_check_period_s,
-        "health_check_timeout_s": cfg.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": cfg.graceful_shutdown_timeout_s,
-        "graceful_shutdown_wait_loop_s": min(2.0, max(cfg.graceful_shutdown_timeout_s, 0.1)),
-        "ray_actor_options": {"num_cpus": cfg.ingress_num_cpus},
-    }
+def app_deployments(cfg: ServeConfig) -> list[dict[str, Any]]:
+    """Every deployment of the app, as serveConfigV2 lists them (one: the routes live on the model)."""
+    return [deployment_options(cfg)]

@@ -1,16 +1,17 @@
 """Request and response models mirroring the OpenAI API (the subset raylm serves).
 
 Shapes follow the OpenAI spec as vLLM's `entrypoints/openai/protocol.py` mirrors it, so the official
-`openai` client works unchanged. Fields the spec has and raylm does not implement (logprobs, penalties,
-tools, ...) are ignored rather than rejected, like vLLM does for unknown fields, so generic clients
-keep working; the ones raylm does implement are validated strictly and a violation names its field.
+`openai` client works unchanged. Unknown fields are ignored, like vLLM does, so generic clients keep
+working; but a known field that would change the output and that raylm does not implement (tools,
+JSON mode, penalties, logit bias) is refused with a 400 naming it (`unsupported_fields`), never
+silently ignored. Implemented fields are validated strictly and a violation names its field.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -42,6 +43,34 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: always generate max_tokens")
+    # Known but not implemented: accepted only at their no-op values (see `unsupported_fields`).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """(field, why) for every field set to a value raylm would otherwise have to ignore."""
+        out = []
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                out.append((name, f"{name} is not supported (only 0)"))
+        if self.logit_bias:
+            out.append(("logit_bias", "logit_bias is not supported"))
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            out.append(("response_format", f"response_format type {kind!r} is not supported (only 'text')"))
+        if self.tools or self.functions:
+            name = "tools" if self.tools else "functions"
+            out.append((name, f"{name} (function calling) is not supported by this model server"))
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                out.append((name, f"{name} is not supported (only 'none')"))
+        return out
 
     @field_validator("top_k", mode="before")
     @classmethod
@@ -56,7 +85,9 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
+    max_tokens: int | None = Field(16, ge=0)  # the OpenAI default; 0 only with echo (prompt scoring)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="top alternatives per token")
 
     @field_validator("prompt")
     @classmethod
@@ -69,16 +100,48 @@ class CompletionRequest(SamplingFields):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+def text_of_content(content: object) -> str:
+    """A message's `content`: a string, or a list of text parts (joined with newlines, as vLLM does).
+
+    Any other part type (image_url, input_audio, file, ...) raises a ValueError naming it, which
+    becomes a 400 whose `param` is the message's content.
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError("content must be a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "input_text", "output_text"):
+            raise ValueError(f"content part {j} has type {kind!r}; only 'text' parts are supported")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"content part {j} (type {kind!r}) needs a string 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: object) -> str:
+        return text_of_content(v)
+
+    def for_template(self) -> dict[str, str]:
+        """`developer` is the newer name of `system` (OpenAI); chat templates know only `system`."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="newer alias of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class Usage(BaseModel):
@@ -87,10 +150,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token (echoed prompt tokens first)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -108,10 +180,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -132,7 +218,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -156,3 +242,64 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- /v1/responses (the Responses API: text or message input, output items, typed stream events) ----
+class ResponseInputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: object) -> str:
+        return text_of_content(v)
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[ResponseInputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    text: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v: str | list[ResponseInputMessage]) -> str | list[ResponseInputMessage]:
+        if isinstance(v, list) and not v:
+            raise ValueError("input must not be an empty list")
+        return v
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        out = []
+        if self.tools:
+            out.append(("tools", "tools (function calling) are not supported by this model server"))
+        if self.tool_choice not in (None, "none", "auto"):
+            out.append(("tool_choice", "tool_choice is not supported"))
+        kind = ((self.text or {}).get("format") or {}).get("type", "text")
+        if kind != "text":
+            out.append(("text.format", f"text.format type {kind!r} is not supported (only 'text')"))
+        if self.previous_response_id:
+            out.append(("previous_response_id", "responses are not stored; send the whole conversation"))
+        return out
+
+    def messages(self) -> list[dict[str, str]]:
+        """Chat-template messages: instructions as a system message, then the input."""
+        out = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*out, {"role": "user", "content": self.input}]
+        for m in self.input:
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": m.content})
+        return out

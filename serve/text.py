@@ -28,8 +28,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def push(self, token: int) -> str:
-        self.ids.append(token)
+    def push(self, *tokens: int) -> str:
+        """New complete text after `tokens` (one decode per call, however many tokens it brings)."""
+        self.ids.extend(tokens)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
@@ -61,11 +62,34 @@ class ChoiceText:
     def __post_init__(self) -> None:
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
 
+    def extend(self, tokens: list[int], engine_reason: str | None) -> str:
+        """Account for a chunk of tokens (the engine ended with the last one if `engine_reason`).
+
+        One decode per chunk; with stop strings, token by token, so the usage count stops exactly
+        at the token that completed a stop string.
+        """
+        if self.stop and tokens:
+            out = ""
+            for k, token in enumerate(tokens):
+                out += self.push(token, engine_reason if k == len(tokens) - 1 else None)
+                if self.finish_reason is not None:
+                    break
+            return out
+        self.tokens += len(tokens)
+        kept = [t for t in tokens if t not in self.stop_token_ids]
+        if kept:
+            self.text += self.detok.push(*kept)
+        return self._end(engine_reason)
+
     def push(self, token: int, engine_reason: str | None) -> str:
         """Account for `token` (`engine_reason`: why the engine ends here, if it does); return new text."""
         self.tokens += 1
         if token not in self.stop_token_ids:
             self.text += self.detok.push(token)
+        return self._end(engine_reason)
+
+    def _end(self, engine_reason: str | None) -> str:
+        """Release held-back text, apply stop strings, and return what can be sent now."""
         if engine_reason is not None:  # no token follows: release an incomplete character at the end
             self.text += self.detok.flush()
         for s in self.stop:

@@ -18,6 +18,10 @@ def llm_config_kwargs(model_path: str, cfg: ServeConfig, context_len: int | None
     """Keyword arguments of `ray.serve.llm.LLMConfig` for `model_path` under the `serve` section."""
     opts = deployment_options(cfg)
     deployment_config = {k: v for k, v in opts.items() if k not in ("name", "ray_actor_options")}
+    # Ray's LLM app has its own router deployment in front, so Serve's limits apply one-to-one here
+    # (the built-in engine's replica admits requests itself and widens Serve's limits instead).
+    deployment_config["max_ongoing_requests"] = cfg.max_ongoing_requests
+    deployment_config["max_queued_requests"] = cfg.max_queued_requests
     engine_kwargs: dict[str, Any] = {"max_num_seqs": cfg.max_batch_size}
     if context_len:
         engine_kwargs["max_model_len"] = context_len

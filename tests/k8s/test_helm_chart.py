@@ -9,7 +9,7 @@ import yaml
 
 from cluster.stages import STAGE_MODULES
 from serve.config import ServeConfig
-from serve.options import deployment_options, ingress_options
+from serve.options import app_deployments
 from tests.k8s.conftest import CHART, docs_of, run_helm
 from tests.k8s.crd_schema import CRD_DIR, crd_errors
 
@@ -196,4 +196,4 @@ def test_chart_defaults_match_the_python_mappings() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["stageModules"] == STAGE_MODULES
     serve = ServeConfig.model_validate(values["serve"])
-    assert values["serveDeployments"] == [deployment_options(serve), ingress_options(serve)]
+    assert values["serveDeployments"] == app_deployments(serve)

@@ -16,7 +16,7 @@ from cluster.cli import app
 from cluster.config import load_config
 from cluster.k8s_render import CHART_DIR, chart_values, pod_config, release_name
 from cluster.stages import STAGE_MODULES, entrypoint
-from serve.options import deployment_options, ingress_options
+from serve.options import app_deployments
 from tests.k8s.conftest import NAMESPACE, docs_of, run_helm
 from tests.k8s.crd_schema import crd_errors
 
@@ -89,7 +89,7 @@ def test_serve_config_matches_serve_options_and_ray_serve_schema(helm: str, run_
     cfg = load_config(run_file)
     (app_cfg,) = serve_cfg["applications"]
     assert app_cfg["import_path"] == "serve.app:build_app"
-    assert app_cfg["deployments"] == [deployment_options(cfg.serve), ingress_options(cfg.serve)]
+    assert app_cfg["deployments"] == app_deployments(cfg.serve)
     llm = app_cfg["deployments"][0]
     assert (llm["name"], llm["autoscaling_config"]["max_replicas"]) == ("LLMServer", 3)
     assert llm["autoscaling_config"]["target_ongoing_requests"] == 4

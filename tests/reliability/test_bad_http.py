@@ -66,6 +66,25 @@ CASES = [
         "context_length_exceeded",
     ),
     ("unknown-model", "completions", {"model": "gpt-9"}, 404, "model", "model_not_found"),
+    ("penalty", "completions", {"presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    ("max_tokens-0-no-echo", "completions", {"max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    (
+        "json-mode",
+        "chat/completions",
+        {"response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+        "unsupported_parameter",
+    ),
+    ("tools", "chat/completions", {"tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
+    (
+        "image-part",
+        "chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages.0.content",
+        "invalid_value",
+    ),
     (
         "unknown-role",
         "chat/completions",
@@ -140,9 +159,11 @@ def test_huge_body_is_refused_with_413(bad_input_app, before):
 
 
 def test_unknown_fields_are_ignored_like_openai(bad_input_app, before):
-    """A deliberate choice (serve/protocol.py): unimplemented OpenAI fields must not break generic clients."""
-    resp = completion(bad_input_app, frobnicate={"a": 1}, logprobs=3, presence_penalty=0.5)
+    """A deliberate choice (serve/protocol.py): unknown fields must not break generic clients; known
+    ones that would change the output and are not implemented are refused by name (CASES above)."""
+    resp = completion(bad_input_app, frobnicate={"a": 1}, logprobs=3, presence_penalty=0)
     assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert len(resp.json()["choices"][0]["logprobs"]["top_logprobs"][0]) <= 3
 
 
 def test_missing_or_wrong_api_key_is_401(bad_input_app, before):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -70,3 +71,41 @@ def test_client_disconnect_frees_the_batch_slot(app):
         stats = handle.stats.remote().result()
     assert stats["running"] == 0
     assert stats["cancelled"] == before["cancelled"] + 1  # removed early, not finished by max_tokens
+
+
+def test_stream_interval_adapts_to_the_number_of_streams(serve_http, tiny_model):
+    """A lone stream gets a chunk per token; with many streams over the chunk budget, a chunk carries
+    every token since the last one, and the streamed text is unchanged."""
+    from tests.serve.conftest import run_app
+
+    app = run_app(
+        serve_http, tiny_model, "interval", stream_max_chunks_per_s=1, stream_interval_max_ms=600_000
+    )
+    body = {"model": app.model, "prompt": "KING:", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def stream(http: httpx.AsyncClient) -> tuple[str, int]:
+        events = []
+        async with http.stream(
+            "POST", f"{app.v1}/completions", json={**body, "stream": True}, headers=headers
+        ) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:])["choices"][0]["text"])
+        return "".join(events), len(events)
+
+    async def run(count: int) -> list[tuple[str, int]]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(stream(http) for _ in range(count)))
+
+    try:
+        full = httpx.post(f"{app.v1}/completions", json=body, headers=headers, timeout=120).json()
+        (alone,) = asyncio.run(run(1))
+        together = asyncio.run(run(6))
+    finally:
+        serve.delete(app.name)
+    text = full["choices"][0]["text"]
+    assert alone[0] == text and all(t == text for t, _ in together)
+    # alone: a chunk per step (two only if the event loop fell a step behind); six streams over the
+    # budget: the first token, then chunks only as the batch thins out at the end
+    assert alone[1] > 2 * min(n for _, n in together)

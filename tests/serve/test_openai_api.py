@@ -275,3 +275,142 @@ def test_overload_is_503_and_replica_survives(app):
     assert error["code"] == "server_overloaded" and set(error) == {"message", "type", "param", "code"}
     handle = serve.get_deployment_handle("LLMServer", app_name=app.name)
     assert handle.stats.remote().result()["running"] == 0
+
+
+# ---- the OpenAI surface clients send: content parts, developer role, logprobs, refusals, responses ----
+@pytest.fixture(scope="module")
+def hf_model(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+def log_softmax_rows(model, ids: list[int]):
+    import torch
+
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_text_parts_and_developer_role_equal_plain_messages(client, app):
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Speak verse."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Who"}, {"type": "text", "text": "comes?"}]},
+    ]
+    plain = [{"role": "system", "content": "Speak verse."}, {"role": "user", "content": "Who\ncomes?"}]
+    a = client.chat.completions.create(model=app.model, messages=parts, max_tokens=8, temperature=0)
+    b = client.chat.completions.create(model=app.model, messages=plain, max_tokens=8, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_non_text_part_is_400_naming_the_type(client, app):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=app.model, messages=messages, max_tokens=4)
+    assert info.value.body["param"] == "messages.0.content" and "image_url" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"17": 5}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ],
+)
+def test_unimplemented_parameters_are_refused_by_name(client, app, fields, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=app.model, messages=CHAT, max_tokens=4, **{k: v for k, v in fields.items()}
+        )
+    assert info.value.body["param"] == param
+
+
+def test_chat_logprobs_are_log_softmax_of_the_model(client, app, tokenizer, hf_model):
+    r = client.chat.completions.create(
+        model=app.model, messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    prompt = tokenizer(
+        tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens or r.choices[0].finish_reason == "stop"
+    ids = list(prompt)
+    for entry in content:
+        row = log_softmax_rows(hf_model, ids)[-1]
+        token = int(row.argmax())  # greedy: the served token is the model's argmax
+        assert entry.token == tokenizer.decode([token])
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-3)
+        top = row.topk(3)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-3)
+        ids.append(token)
+
+
+def test_completion_echo_logprobs_score_the_prompt(client, app, tokenizer, hf_model):
+    r = client.completions.create(model=app.model, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == PROMPT and r.usage.completion_tokens == 0
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    rows = log_softmax_rows(hf_model, ids)
+    lp = choice.logprobs
+    assert lp.tokens == [tokenizer.decode([i]) for i in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [rows[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    # echo + generation: prompt first, then the completion, logprobs for both
+    r = client.completions.create(
+        model=app.model, prompt=PROMPT, max_tokens=3, echo=True, logprobs=0, temperature=0
+    )
+    assert r.choices[0].text.startswith(PROMPT) and len(r.choices[0].logprobs.tokens) == len(ids) + 3
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=app.model, prompt=PROMPT, max_tokens=0)
+    assert info.value.body["param"] == "max_tokens"
+
+
+def test_responses_api_text_messages_and_stream(client, app):
+    chat = client.chat.completions.create(model=app.model, messages=CHAT, max_tokens=8, temperature=0)
+    r = client.responses.create(
+        model=app.model, instructions="Speak verse.", input="Who comes?", max_output_tokens=8, temperature=0
+    )
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    messages = client.responses.create(
+        model=app.model,
+        input=[
+            {"role": "developer", "content": "Speak verse."},
+            {"role": "user", "content": [{"type": "input_text", "text": "Who comes?"}]},
+        ],
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert messages.output_text == r.output_text
+    events = list(
+        client.responses.create(
+            model=app.model,
+            instructions="Speak verse.",
+            input="Who comes?",
+            max_output_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == r.output_text == events[-1].response.output_text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=app.model, input="x", text={"format": {"type": "json_object"}})
+    assert info.value.body["param"] == "text.format"
