@@ -8,6 +8,7 @@ import os
 import ray
 
 from cluster.config import ClusterConfig
+from data_pipelines.readers import object_store_env
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +23,21 @@ def default_local_cpus() -> int:
 
 
 def ensure_ray(cfg: ClusterConfig) -> None:
-    """Join `cluster.address` (or RAY_ADDRESS), else start an embedded local Ray with token auth on."""
+    """Join `cluster.address` (or RAY_ADDRESS), else start an embedded local Ray with token auth on.
+
+    Object-store credentials set here (AWS_*) go to every task and actor of the job, so Ray Train
+    and Ray Data reach an s3:// storage path from nodes that do not have them.
+    """
     if ray.is_initialized():
         return
+    env = object_store_env()
+    runtime_env = {"env_vars": env} if env else None
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         log.info("joined Ray at %s", address)
         return
-    ray.init(num_cpus=cfg.local_num_cpus or default_local_cpus(), include_dashboard=False)
+    ray.init(
+        num_cpus=cfg.local_num_cpus or default_local_cpus(), include_dashboard=False, runtime_env=runtime_env
+    )
     log.info("started embedded Ray with %s logical CPUs", ray.cluster_resources().get("CPU"))

@@ -36,9 +36,6 @@ class DataConfig(BaseModel):
     min_chars: int = Field(1, ge=1, description="documents shorter than this (after cleaning) are dropped")
     max_chars: int = Field(1_000_000, ge=1, description="documents longer than this are dropped")
     dedup: bool = Field(True, description="exact de-duplication by content hash across the corpus")
-    dedup_partitions: int = Field(
-        4, ge=1, le=4096, description="actors sharing the dedup hash set (memory per actor ~ 1/N of it)"
-    )
     seq_len: int = Field(256, ge=8, le=131_072, description="tokens per packed block")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out, by hash")
     mode: Literal["stream", "materialize"] = Field(
@@ -53,6 +50,12 @@ class DataConfig(BaseModel):
     )
     read_chunk_mb: float = Field(
         0, ge=0, description="MiB per read range (one task each); 0 = 1/64 of the corpus, within 1-64 MiB"
+    )
+    dedup_partitions: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="actors sharing the dedup hash set (each holds 1/N); 0 = 1 per GiB of corpus or 32 CPUs",
     )
 
     @model_validator(mode="after")

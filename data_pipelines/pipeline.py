@@ -30,7 +30,7 @@ from typing import Any
 import ray
 from ray.data import DataContext
 
-from data_pipelines.cleaning import clean_batch, select_split
+from data_pipelines.cleaning import clean_batch, training_documents
 from data_pipelines.config import DataConfig, TokenizerConfig
 from data_pipelines.dedup import DedupIndex
 from data_pipelines.demo_corpus import write_demo_corpus
@@ -49,6 +49,7 @@ from data_pipelines.tokenizer import load_tokenizer, tokenizer_hash, train_token
 
 TOKENIZER_STAMP = "raylm_tokenizer.json"
 SPLITS = ("train", "val")
+CPUS_PER_DEDUP_PARTITION = 32
 
 
 class DataPipelineError(ValueError):
@@ -205,9 +206,7 @@ def ensure_plan_tokenizer(plan: CorpusPlan, tok: TokenizerConfig, run_dir: str) 
                 return str(out)
         except ValueError:
             pass
-    docs = plan_documents(plan).map_batches(
-        select_split, batch_size=None, fn_kwargs={"which": "tokenizer"}, **_task_args(plan)
-    )
+    docs = plan_documents(plan).map_batches(training_documents, batch_size=None, **_task_args(plan))
     docs = docs.limit(tok.max_training_docs)
     n_docs = 0
 
@@ -249,7 +248,15 @@ def packed_blocks(
 
 
 def _dedup(plan: CorpusPlan) -> DedupIndex | None:
-    return DedupIndex(plan.data.dedup_partitions) if plan.data.dedup else None
+    """The dedup partitions: `data.dedup_partitions`, else enough that each holds the documents of
+    at most 1 GiB of corpus and serves at most `CPUS_PER_DEDUP_PARTITION` CPUs (one partition alone
+    keeps up with about 40 cores' tokenisation, see benchmarks/tokenize_throughput.py), and no more:
+    each is a process start, about a second of CPU. The count never changes the blocks."""
+    if not plan.data.dedup:
+        return None
+    corpus_gib = -(-sum(f.size for f in plan.files) // (1 << 30))
+    by_cpus = -(-_cluster_cpus() // CPUS_PER_DEDUP_PARTITION)
+    return DedupIndex(plan.data.dedup_partitions or max(1, corpus_gib, by_cpus))
 
 
 def shards_dir_of(data: DataConfig, run_dir: str) -> str:
