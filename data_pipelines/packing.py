@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from data_pipelines.cleaning import clean_batch
 from data_pipelines.config import DataConfig
+from data_pipelines.dedup import DedupIndex
 from data_pipelines.readers import RAW_SCHEMA, read_range
 from data_pipelines.stats import CorpusStats
 
@@ -86,7 +87,7 @@ def clean_range(item: dict[str, Any], cfg: DataConfig) -> pa.Table:
     return pa.concat_tables([clean_batch(t, cfg) for t in raw])
 
 
-def split_rows(docs: pa.Table, reasons: np.ndarray, cleaned_out: np.ndarray, split: str) -> np.ndarray:
+def split_rows(docs: pa.Table, cleaned_out: np.ndarray, split: str) -> np.ndarray:
     """Row indices of `split`: the train split also counts every document cleaning dropped, so each
     dropped document is counted once; a duplicate belongs to the split its content hashes to."""
     val = docs.column("val").to_numpy(zero_copy_only=False)
@@ -100,19 +101,19 @@ def pack_range(
     split: str,
     tokenizer_json: str,
     eos_id: int,
-    dedup: Any,
+    dedup: DedupIndex | None,
     ledger: Any,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Blocks {"input_ids": int32[n, seq_len]} of one range's `split` (steps 1–5 of the module doc)."""
     docs = clean_range(item, cfg)
     reasons = np.array(docs.column("reason").to_pylist(), dtype=object)
     cleaned_out = reasons != ""
-    if cfg.dedup and dedup is not None:
+    if dedup is not None:
         kept = np.flatnonzero(~cleaned_out)
         hashes = docs.column("hash").to_numpy()[kept]
         first = dedup.first_occurrences(item["index"], hashes, kept)
         reasons[kept[~first]] = "duplicate"
-    rows = split_rows(docs, reasons, cleaned_out, split)
+    rows = split_rows(docs, cleaned_out, split)
     stats = _counts(docs, reasons, rows)
     texts = docs.column("text").to_pylist()
     keep = [int(i) for i in rows if not reasons[i]]

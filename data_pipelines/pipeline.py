@@ -61,7 +61,8 @@ class TokenData:
     """Packed token blocks for training, and where they came from.
 
     `train`/`val` rows are {"input_ids": int32 array of length seq_len}. In stream mode they are
-    lazily executed: `stats()` reports the counts of the latest complete pass over each split.
+    lazily executed: `stats()` sums the counts of every range executed so far (a range counts the
+    same in every pass), so after one full pass over each split it describes exactly their blocks.
     """
 
     train: ray.data.Dataset
