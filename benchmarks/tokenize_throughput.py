@@ -1,4 +1,5 @@
-"""Tokenisation throughput: the Ray Data pipeline versus plain `tokenizers` in one process.
+"""Tokenisation throughput: the Ray Data pipeline versus plain `tokenizers` in one process, the
+pipeline's serial ceiling, and where its CPU time goes.
 
     python benchmarks/tokenize_throughput.py [--mb 50] [--rounds 3] [--json out.json]
 
@@ -15,6 +16,17 @@ rounds (plain, pipeline, plain, pipeline, ...) and each round's ratio uses the p
 before it. Round 1 of the pipeline is cold: it also pays for starting Ray Data's own actors and the
 first import of the data modules in each worker; later rounds show the steady state. The printed
 ratio is the median over all rounds, cold one included; every round is in the JSON.
+
+Serial ceiling: what is left of the token path outside the parallel range tasks is the dedup
+partitions (each sees the documents of its share of the hash space) and the stats ledger (one call per
+range). Each is measured alone, fed as fast as Ray delivers calls, and turned into the tokens/s it
+keeps up with; divided by one core's serial tokenise rate, that is the number of cores it can feed.
+One partition must feed at least the CPUs it is sized for (`CPUS_PER_DEDUP_PARTITION`; partitions are
+added as the cluster grows), so the single process left is the ledger: its figure is the serial
+ceiling, the number of cores the design can feed before one process becomes the bottleneck.
+
+CPU shares: the CPU seconds of every process of the embedded Ray (and the driver) during the last
+pipeline round, by role (titles sampled while it runs), as a share of the total.
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,28 +89,168 @@ def plain(paths: list[Path], tokenizer_json: Path, batch_docs: int) -> tuple[int
     return tokens, time.perf_counter() - start
 
 
-def pipeline(
-    corpus: Path, tokenizer_dir: Path, run_dir: Path, tasks: int, batch_size: int
-) -> tuple[int, float]:
-    from ray.data import DataContext
+def one_core_rate(paths: list[Path], tokenizer_json: Path, batch_docs: int, max_docs: int = 20_000) -> float:
+    """Tokens/s of `encode_batch_fast` on the calling thread only (what one range task does)."""
+    from tokenizers import Tokenizer
 
-    from data_pipelines.config import DataConfig, TokenizerConfig
-    from data_pipelines.pipeline import token_datasets
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_json))
+        docs = [d.strip() for p in paths for d in re.split(r"\n\s*\n", p.read_text("utf-8")) if d.strip()]
+        docs = docs[:max_docs]
+        start = time.perf_counter()
+        tokens = 0
+        for i in range(0, len(docs), batch_docs):
+            tokens += sum(len(e.ids) + 1 for e in tok.encode_batch_fast(docs[i : i + batch_docs]))
+        return tokens / (time.perf_counter() - start)
+    finally:
+        del os.environ["TOKENIZERS_PARALLELISM"]
 
-    DataContext.get_current().enable_progress_bars = False
-    data = DataConfig(
+
+class CpuMonitor:
+    """CPU seconds per process of this driver and its descendants (the embedded Ray) over a block,
+    with each process's role from its title (Ray names workers `ray::<task or actor>`)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.start_cpu: dict[int, float] = {}
+        self.last_cpu: dict[int, float] = {}
+        self.titles: dict[int, Counter] = defaultdict(Counter)
+        self.stop = threading.Event()
+
+    def _procs(self):
+        return [self.me, *self.me.children(recursive=True)]
+
+    def _sample(self) -> None:
+        for p in self._procs():
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    self.last_cpu[p.pid] = t.user + t.system
+                    title = " ".join(p.cmdline()[:1]) if p.pid != self.me.pid else "driver"
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                continue
+            self.titles[p.pid][_role(title)] += 1
+
+    def __enter__(self) -> CpuMonitor:
+        self._sample()
+        self.start_cpu = dict(self.last_cpu)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.25):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+
+    def shares(self) -> list[dict]:
+        """One row per process that used CPU: pid, role, CPU seconds, share of the total."""
+        used = {pid: cpu - self.start_cpu.get(pid, 0.0) for pid, cpu in self.last_cpu.items()}
+        total = sum(v for v in used.values() if v > 0) or 1.0
+        rows = []
+        for pid, cpu in sorted(used.items(), key=lambda kv: -kv[1]):
+            if cpu <= 0.005:
+                continue
+            roles = self.titles[pid]
+            busy = [r for r in roles if r != "idle worker"]
+            role = max(busy, key=roles.__getitem__) if busy else "idle worker"
+            rows.append({"pid": pid, "role": role, "cpu_s": round(cpu, 2), "share": round(cpu / total, 3)})
+        return rows
+
+
+def _role(title: str) -> str:
+    if title == "driver":
+        return "driver"
+    if title.startswith("ray::"):
+        name = title.removeprefix("ray::")
+        if name == "IDLE":
+            return "idle worker"
+        if "pack_ranges" in name:
+            return "range task (read→pack)"
+        return name.split(".")[0]
+    for known in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor"):
+        if known in title:
+            return known
+    return os.path.basename(title.split(" ")[0]) or "other"
+
+
+def bench_config(corpus: Path, tasks: int, batch_size: int):
+    from data_pipelines.config import DataConfig
+
+    return DataConfig(
         paths=[str(corpus)],
         seq_len=1024,
         val_fraction=0.0,
         tokenize_tasks=tasks,
         tokenize_batch_size=batch_size,
     )
+
+
+def pipeline(
+    corpus: Path, tokenizer_dir: Path, run_dir: Path, tasks: int, batch_size: int
+) -> tuple[int, float, object]:
+    from ray.data import DataContext
+
+    from data_pipelines.config import TokenizerConfig
+    from data_pipelines.pipeline import token_datasets
+
+    DataContext.get_current().enable_progress_bars = False
+    data = bench_config(corpus, tasks, batch_size)
     start = time.perf_counter()
     td = token_datasets(data, TokenizerConfig(path=str(tokenizer_dir)), str(run_dir))
     for _ in td.train.iter_batches(batch_size=None):
         pass
     elapsed = time.perf_counter() - start
-    return td.stats().tokens, elapsed
+    return td.stats().tokens, elapsed, td
+
+
+def serial_parts(docs_per_range: float, tokens_per_doc: float, partitions: int, ranges: int = 200) -> dict:
+    """Tokens/s one dedup partition and the ledger each keep up with, measured alone, with the
+    calls a range task makes to them (a partition gets 1/P of a range's hashes)."""
+    import numpy as np
+    import ray
+
+    from data_pipelines.dedup import DedupPartition
+    from data_pipelines.stats import CorpusStats, new_ledger
+
+    per_call = max(1, round(docs_per_range / partitions))
+    rng = np.random.default_rng(0)
+    actor = DedupPartition.remote()
+    ray.get(actor.memory.remote())  # started
+    calls = [
+        (
+            i,
+            rng.integers(-(1 << 63), (1 << 63) - 1, per_call, dtype=np.int64),
+            np.arange(per_call) + (i << 32),
+        )
+        for i in range(ranges)
+    ]
+    start = time.perf_counter()
+    ray.get([actor.first_occurrences.remote(i, h, p) for i, h, p in calls])
+    dedup_docs_s = ranges * per_call / (time.perf_counter() - start)
+    ray.kill(actor)
+
+    ledger = new_ledger()
+    counts = CorpusStats(documents_read=1, dropped={"duplicate": 1, "too_short": 2}).to_dict()
+    ray.get(ledger.stats.remote())
+    start = time.perf_counter()
+    ray.get([ledger.add.remote("train", i, counts) for i in range(ranges)])
+    ledger_ranges_s = ranges / (time.perf_counter() - start)
+    ray.kill(ledger)
+    return {
+        "dedup_partition_docs_per_s": round(dedup_docs_s),
+        "dedup_partition_tokens_per_s": round(dedup_docs_s * tokens_per_doc),
+        "ledger_ranges_per_s": round(ledger_ranges_s, 1),
+        "ledger_tokens_per_s": round(ledger_ranges_s * docs_per_range * tokens_per_doc),
+    }
 
 
 def main() -> None:
@@ -114,6 +268,9 @@ def main() -> None:
     from cluster.config import ClusterConfig
     from cluster.local_ray import ensure_ray
     from data_pipelines.config import TokenizerConfig
+    from data_pipelines.dedup import ENTRY_BYTES
+    from data_pipelines.pipeline import CPUS_PER_DEDUP_PARTITION
+    from data_pipelines.readers import list_inputs, plan_reads
     from data_pipelines.tokenizer import train_tokenizer
 
     rounds = []
@@ -130,9 +287,10 @@ def main() -> None:
         ensure_ray(ClusterConfig())
         for i in range(1, args.rounds + 1):
             plain_tokens, plain_s = plain(paths, tok_dir / "tokenizer.json", args.batch_size)
-            pipe_tokens, pipe_s = pipeline(
-                root / "corpus", tok_dir, root / f"run{i}", args.tasks, args.batch_size
-            )
+            with CpuMonitor() as monitor:
+                pipe_tokens, pipe_s, td = pipeline(
+                    root / "corpus", tok_dir, root / f"run{i}", args.tasks, args.batch_size
+                )
             r = {
                 "round": i,
                 "plain_tokens": plain_tokens,
@@ -149,6 +307,13 @@ def main() -> None:
                 f"({plain_s:.1f}s)  pipeline {r['pipeline_tokens_per_s']:,} tok/s ({pipe_s:.1f}s)  "
                 f"ratio {r['ratio']:.2f}x"
             )
+        cpu = monitor.shares()  # of the last pipeline round
+        stats, partitions = td.stats(), td.dedup.memory()
+        cfg = bench_config(root / "corpus", args.tasks, args.batch_size)
+        ranges = len(plan_reads(list_inputs(cfg.paths), cfg))
+        core_rate = one_core_rate(paths, tok_dir / "tokenizer.json", args.batch_size)
+        tokens_per_doc = stats.tokens / max(1, stats.documents_kept)
+        parts = serial_parts(stats.documents_read / ranges, tokens_per_doc, len(partitions))
 
     ratios = [r["ratio"] for r in rounds]
     figures = {
@@ -163,6 +328,16 @@ def main() -> None:
         "ratio_median": round(statistics.median(ratios), 3),
         "ratio_cold": ratios[0],
         "ratio_warm_median": round(statistics.median(ratios[1:]), 3) if len(ratios) > 1 else None,
+        "read_ranges": ranges,
+        "documents_kept": stats.documents_kept,
+        "one_core_tokens_per_s": round(core_rate),
+        "serial_parts": parts,
+        "dedup_partition_cores": round(parts["dedup_partition_tokens_per_s"] / core_rate, 1),
+        "cpus_per_dedup_partition": CPUS_PER_DEDUP_PARTITION,
+        "serial_ceiling_cores": round(parts["ledger_tokens_per_s"] / core_rate, 1),
+        "dedup_partitions": partitions,
+        "dedup_entry_bytes": ENTRY_BYTES,
+        "cpu_shares_last_round": cpu,
     }
     print(
         f"plain: {figures['plain_tokens_per_s_median']:,} tok/s   "
@@ -171,8 +346,42 @@ def main() -> None:
         f"cold: {figures['ratio_cold']:.2f}x"
         + (f"   warm: {figures['ratio_warm_median']:.2f}x" if figures["ratio_warm_median"] else "")
     )
+    report_serial_and_cpu(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def report_serial_and_cpu(f: dict) -> None:
+    parts, core = f["serial_parts"], f["one_core_tokens_per_s"]
+    print(f"\none core tokenises {core:,} tok/s; {f['read_ranges']} read ranges")
+    enough = "enough" if f["dedup_partition_cores"] >= f["cpus_per_dedup_partition"] else "NOT enough"
+    print(
+        f"one dedup partition alone: {parts['dedup_partition_docs_per_s']:,} docs/s = "
+        f"{parts['dedup_partition_tokens_per_s']:,} tok/s = {f['dedup_partition_cores']:,} cores "
+        f"({enough} for the {f['cpus_per_dedup_partition']} CPUs each partition is sized for; "
+        f"this run used {len(f['dedup_partitions'])})"
+    )
+    print(f"ledger alone: {parts['ledger_ranges_per_s']:,} ranges/s = {parts['ledger_tokens_per_s']:,} tok/s")
+    print(
+        f"serial ceiling (the ledger): {f['serial_ceiling_cores']:,} cores "
+        "before one process is the bottleneck"
+    )
+    largest = max(f["dedup_partitions"], key=lambda p: p["rss_bytes"])
+    print(
+        f"largest dedup partition: {largest['entries']:,} hashes, "
+        f"table {largest['table_bytes'] / 2**20:.1f} MiB, "
+        f"process RSS {largest['rss_bytes'] / 2**20:.0f} MiB; larger corpora: "
+        f"~{f['dedup_entry_bytes']} B x unique documents / partitions + the worker's base RSS"
+    )
+    print("\nCPU of the last pipeline round by process (share of all CPU seconds):")
+    by_role: dict[str, list[float]] = defaultdict(list)
+    for row in f["cpu_shares_last_round"]:
+        by_role[row["role"]].append(row["share"])
+    for role, shares in sorted(by_role.items(), key=lambda kv: -sum(kv[1])):
+        print(
+            f"  {role:<28} {len(shares):>3} process(es)  total {sum(shares):6.1%}  "
+            f"largest single process {max(shares):6.1%}"
+        )
 
 
 if __name__ == "__main__":

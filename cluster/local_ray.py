@@ -8,6 +8,7 @@ import os
 import ray
 
 from cluster.config import ClusterConfig
+from data_pipelines.readers import object_store_env
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,23 @@ def ensure_ray(cfg: ClusterConfig, log_to_driver: bool = True) -> None:
     """Join `cluster.address` (or RAY_ADDRESS), else start an embedded local Ray with token auth on.
 
     `log_to_driver=False` keeps the workers' output in Ray's session logs instead of this process's
-    terminal (`raylm chat` uses it while it owns the terminal).
+    terminal (`raylm chat` uses it while it owns the terminal). Object-store credentials set here
+    (AWS_*) go to every task and actor of the job, so Ray Train and Ray Data reach an s3:// storage
+    path from nodes that do not have them.
     """
     if ray.is_initialized():
         return
+    env = object_store_env()
+    runtime_env = {"env_vars": env} if env else None
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         log.info("joined Ray at %s", address)
         return
     ray.init(
         num_cpus=cfg.local_num_cpus or default_local_cpus(),
         include_dashboard=False,
         log_to_driver=log_to_driver,
+        runtime_env=runtime_env,
     )
     log.info("started embedded Ray with %s logical CPUs", ray.cluster_resources().get("CPU"))

@@ -3,7 +3,7 @@
 Cleaning is a pure function of one document, applied to whole Arrow batches with pyarrow compute
 kernels (RE2 and ICU-free Unicode normalisation in C++), several times faster than a per-document
 Python loop; the only per-document Python left is the content hash. De-duplication is NOT done here:
-it needs the whole corpus and is done by the ordered packer (see `packing.py`).
+it needs the whole corpus and is done by the hash-partitioned actors of `dedup.py`.
 """
 
 from __future__ import annotations
@@ -105,19 +105,10 @@ def clean_batch(batch: pa.Table, cfg: DataConfig) -> pa.Table:
     )
 
 
-def select_split(batch: pa.Table, which: str) -> pa.Table:
-    """Ray Data UDF: the rows of one split of cleaned documents.
+def training_documents(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: the kept documents of the training split (what the tokenizer is trained on).
 
-    "train" keeps dropped rows too, so the train packer counts every dropped document exactly once;
-    "tokenizer" is the kept training documents only. Lives here rather than in `pipeline` so that
-    Ray workers running the fused read → tokenise tasks never import transformers.
+    Lives here rather than in `pipeline` so that Ray workers running it never import transformers.
     """
     kept = pc.equal(batch.column("reason"), "")
-    val = batch.column("val")
-    if which == "train":
-        mask = pc.or_(pc.invert(kept), pc.invert(val))
-    elif which == "val":
-        mask = pc.and_(kept, val)
-    else:
-        mask = pc.and_(kept, pc.invert(val))
-    return batch.filter(mask)
+    return batch.filter(pc.and_(kept, pc.invert(batch.column("val"))))

@@ -49,7 +49,13 @@ class DataConfig(BaseModel):
         0, ge=0, le=1024, description="cap on concurrent read→tokenise tasks; 0 = the cluster's CPUs"
     )
     read_chunk_mb: float = Field(
-        0, ge=0, description="byte range per read task for large .jsonl/.txt files; 0 = sized to the cluster"
+        0, ge=0, description="MiB per read range (one task each); 0 = 1/64 of the corpus, within 1-64 MiB"
+    )
+    dedup_partitions: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="actors sharing the dedup hash set (each holds 1/N); 0 = 1 per GiB of corpus or 32 CPUs",
     )
 
     @model_validator(mode="after")

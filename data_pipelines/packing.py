@@ -1,19 +1,20 @@
-"""Tokenise in parallel tasks, then de-duplicate and pack in one ordered actor.
+"""Read → clean → de-duplicate → tokenise → pack, one Ray Data task per planned range, all in parallel.
 
-Why one ordered packer: packing must be exact across batch boundaries (a block may span documents
-from two batches), and exact de-duplication needs one place that has seen every earlier document.
-With `DataContext.execution_options.preserve_order = True` and a single actor that runs its calls in
-submission order (`allow_out_of_order_execution=False`, which Ray Data turns on by default for its
-actors), the packer receives every batch in corpus order, so:
-  * the carry buffer makes block boundaries independent of how Ray cut the data into batches;
-  * "first occurrence wins" de-duplication is deterministic (same blocks on every run), unlike a
-    shared seen-set actor consulted by parallel tasks, where the winner depends on task timing;
-  * every execution starts a fresh packer, so re-running a lazy dataset (each epoch, train and val)
-    gives identical blocks instead of dropping everything as "already seen".
-A groupby on the hash would also be exact, but it shuffles all text through an all-to-all exchange
-and loses corpus order. The cost of this design is one set of 8-byte hashes (~70 bytes per unique
-document in a Python set: ~0.7 GB per 10 M documents) and a serial stage that only concatenates
-arrays, far cheaper than the parallel tokenisation before it.
+No process sees every token. Each task owns one range of the read plan (`readers.plan_reads`) and
+turns it into blocks of exactly seq_len tokens:
+
+1. read and clean the range's documents (about one chunk of text, held while the range is worked);
+2. ask the dedup partitions which kept documents are their content's first occurrence in the corpus
+   (`dedup.py`: exact, decided by corpus position, the same on every run);
+3. tokenise the kept documents of this task's split, in batches, each followed by eos;
+4. pack the range's token stream with a carry buffer, so blocks are exact whatever the batching;
+   the range's last partial block (< seq_len tokens) is dropped and counted as tail tokens;
+5. report the range's counts to the ledger in one call, before its last blocks leave the task.
+
+Dropping each range's tail costs at most seq_len - 1 tokens per range (ranges are 1–64 MiB, so
+about 0.1% at seq_len 1024); it buys packing that needs no ordered serial stage. The blocks depend
+only on the corpus, the config and the tokenizer: the plan never depends on the cluster, and Ray Data's
+`preserve_order` yields the ranges' blocks in plan order.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ import pyarrow as pa
 import ray
 from tokenizers import Tokenizer
 
-from data_pipelines.stats import CorpusStats, now_ns
+from data_pipelines.cleaning import clean_batch
+from data_pipelines.config import DataConfig
+from data_pipelines.dedup import DedupIndex
+from data_pipelines.readers import RAW_SCHEMA, read_range
+from data_pipelines.stats import CorpusStats
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
@@ -65,109 +70,93 @@ def _serial_tokenizers() -> Iterator[None]:
             os.environ[_PARALLELISM] = previous
 
 
-def tokenize_batch(batch: pa.Table, tokenizer_json: str, eos_id: int) -> pa.Table:
-    """Ray Data task UDF: cleaned documents → token ids with eos appended (dropped rows get none).
+def _encode(tok: Tokenizer, texts: list[str], eos: np.ndarray) -> np.ndarray:
+    """The documents' token ids, each followed by eos, as one int32 array."""
+    with _serial_tokenizers():
+        encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    pieces = []
+    for enc in encodings:
+        pieces.append(np.asarray(enc.ids, dtype=np.int32))
+        pieces.append(eos)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
-    A stateless task rather than an actor pool: tasks reuse Ray's pooled worker processes and fuse
-    with reading and cleaning, while every actor needs a fresh process (seconds each on a busy host).
-    The tokenizer travels as its JSON string, so workers on other nodes need no shared filesystem.
-    """
+
+def clean_range(item: dict[str, Any], cfg: DataConfig) -> pa.Table:
+    """Every document of one planned range, cleaned (columns of `cleaning.clean_batch`), in order."""
+    raw = list(read_range(item, cfg)) or [RAW_SCHEMA.empty_table()]
+    return pa.concat_tables([clean_batch(t, cfg) for t in raw])
+
+
+def split_rows(docs: pa.Table, cleaned_out: np.ndarray, split: str) -> np.ndarray:
+    """Row indices of `split`: the train split also counts every document cleaning dropped, so each
+    dropped document is counted once; a duplicate belongs to the split its content hashes to."""
+    val = docs.column("val").to_numpy(zero_copy_only=False)
+    mask = cleaned_out | ~val if split == "train" else ~cleaned_out & val
+    return np.flatnonzero(mask)
+
+
+def pack_range(
+    item: dict[str, Any],
+    cfg: DataConfig,
+    split: str,
+    tokenizer_json: str,
+    eos_id: int,
+    dedup: DedupIndex | None,
+    ledger: Any,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks {"input_ids": int32[n, seq_len]} of one range's `split` (steps 1–5 of the module doc)."""
+    docs = clean_range(item, cfg)
+    reasons = np.array(docs.column("reason").to_pylist(), dtype=object)
+    cleaned_out = reasons != ""
+    if dedup is not None:
+        kept = np.flatnonzero(~cleaned_out)
+        hashes = docs.column("hash").to_numpy()[kept]
+        first = dedup.first_occurrences(item["index"], hashes, kept)
+        reasons[kept[~first]] = "duplicate"
+    rows = split_rows(docs, cleaned_out, split)
+    stats = _counts(docs, reasons, rows)
+    texts = docs.column("text").to_pylist()
+    keep = [int(i) for i in rows if not reasons[i]]
     tok = _tokenizer(tokenizer_json)
     eos = np.array([eos_id], dtype=np.int32)
-    reasons = batch.column("reason").to_pylist()
-    texts = batch.column("text").to_pylist()
-    keep = [i for i, r in enumerate(reasons) if not r]
-    with _serial_tokenizers():
-        encodings = tok.encode_batch_fast([texts[i] for i in keep], add_special_tokens=False)
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    pieces = []
-    for i, enc in zip(keep, encodings, strict=True):
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        pieces.append(ids)
-        pieces.append(eos)
-        lengths[i] = len(ids) + 1
-    offsets = np.zeros(len(texts) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    ids_col = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
-    return pa.table(
-        {
-            "ids": ids_col,
-            "reason": batch.column("reason"),
-            "bytes": batch.column("bytes"),
-            "clean_bytes": batch.column("clean_bytes"),
-            "hash": batch.column("hash"),
-        }
+    carry = np.zeros(0, dtype=np.int32)
+    held = None  # the latest blocks: sent only after the counts are in the ledger
+    for lo in range(0, len(keep), cfg.tokenize_batch_size):
+        ids = _encode(tok, [texts[i] for i in keep[lo : lo + cfg.tokenize_batch_size]], eos)
+        stats.tokens += len(ids)
+        stream = np.concatenate([carry, ids])
+        n = len(stream) // cfg.seq_len
+        carry = stream[n * cfg.seq_len :]
+        if n:
+            stats.blocks += n
+            if held is not None:
+                yield held
+            held = {"input_ids": stream[: n * cfg.seq_len].reshape(n, cfg.seq_len)}
+    stats.dropped_tail_tokens = len(carry)
+    if split == "train":
+        stats.train_documents, stats.train_blocks = stats.documents_kept, stats.blocks
+    else:
+        stats.val_documents, stats.val_blocks = stats.documents_kept, stats.blocks
+    ray.get(ledger.add.remote(split, item["index"], stats.to_dict()))
+    if held is not None:
+        yield held
+
+
+def _counts(docs: pa.Table, reasons: np.ndarray, rows: np.ndarray) -> CorpusStats:
+    nbytes = docs.column("bytes").to_numpy()[rows]
+    clean_bytes = docs.column("clean_bytes").to_numpy()[rows]
+    mine = reasons[rows]
+    kept = mine == ""
+    return CorpusStats(
+        documents_read=len(rows),
+        documents_kept=int(kept.sum()),
+        dropped=dict(Counter(r for r in mine.tolist() if r)),
+        bytes_read=int(nbytes.sum()),
+        bytes_kept=int(clean_bytes[kept].sum()),
     )
 
 
-class Packer:
-    """Ray Data actor UDF (run with concurrency=1, preserve_order): ids → blocks of exactly seq_len.
-
-    Counts everything it sees into CorpusStats and reports a cumulative snapshot to the ledger after
-    every batch, so when the stream ends the ledger holds the exact totals, including the tail tokens
-    left in the carry buffer (the final partial block, which is dropped).
-    """
-
-    def __init__(self, seq_len: int, split: str, dedup: bool, ledger: Any) -> None:
-        self.seq_len = seq_len
-        self.split = split
-        self.dedup = dedup
-        self.ledger = ledger
-        self.started_ns = now_ns()
-        self.seen: set[int] = set()
-        self.carry = np.zeros(0, dtype=np.int32)
-        self.stats = CorpusStats()
-        self.dropped: Counter[str] = Counter()
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        reasons = batch.column("reason").to_pylist()
-        hashes = batch.column("hash").to_numpy()
-        nbytes = batch.column("bytes").to_numpy()
-        clean_bytes = batch.column("clean_bytes").to_numpy()
-        ids_col = batch.column("ids").combine_chunks()
-        offsets = ids_col.offsets.to_numpy()
-        values = ids_col.values.to_numpy(zero_copy_only=False)
-        values = values[offsets[0] : offsets[-1]]
-        base = offsets[0]
-        keep_ranges = []
-        s = self.stats
-        s.documents_read += len(reasons)
-        s.bytes_read += int(nbytes.sum())
-        for i, reason in enumerate(reasons):
-            if reason:
-                self.dropped[reason] += 1
-                continue
-            if self.dedup:
-                h = int(hashes[i])
-                if h in self.seen:
-                    self.dropped["duplicate"] += 1
-                    continue
-                self.seen.add(h)
-            keep_ranges.append((offsets[i] - base, offsets[i + 1] - base))
-            s.documents_kept += 1
-            s.bytes_kept += int(clean_bytes[i])
-        if len(keep_ranges) == len(reasons):
-            kept = values
-        else:
-            kept = np.concatenate([values[a:b] for a, b in keep_ranges]) if keep_ranges else values[:0]
-        s.tokens += int(len(kept))
-        stream = np.concatenate([self.carry, kept.astype(np.int32, copy=False)])
-        n_blocks = len(stream) // self.seq_len
-        cut = n_blocks * self.seq_len
-        blocks = stream[:cut].reshape(n_blocks, self.seq_len)
-        self.carry = stream[cut:].copy()
-        s.blocks += n_blocks
-        self._report()
-        return {"input_ids": blocks}
-
-    def _report(self) -> None:
-        s = self.stats
-        s.dropped = dict(self.dropped)
-        s.dropped_tail_tokens = int(len(self.carry))
-        if self.split == "train":
-            s.train_documents, s.train_blocks = s.documents_kept, s.blocks
-        else:
-            s.val_documents, s.val_blocks = s.documents_kept, s.blocks
-        # Waited for, so the ledger is current by the time the consumer sees these blocks.
-        ray.get(self.ledger.update.remote(self.split, self.started_ns, s.to_dict()))
+def pack_ranges(batch: pa.Table, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data map_batches UDF over rows of the read plan (see `pack_range`)."""
+    for item in batch.to_pylist():
+        yield from pack_range(item, **kwargs)

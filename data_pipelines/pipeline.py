@@ -1,13 +1,17 @@
-"""The public data API: corpus → cleaned documents → tokenizer → packed token blocks, on Ray Data.
+"""The public data API: corpus → read plan → packed token blocks, on Ray Data.
 
-    read (parallel, per file or byte range) → clean + hash + split → tokenize
-      → de-duplicate + pack (one ordered actor) → {"input_ids": int32[seq_len]}
+    plan (once, on the driver: files → ranges of about one chunk, independent of the cluster)
+      → one task per range, all in parallel: read → clean + hash → dedup (partitioned actors)
+        → tokenise → pack → {"input_ids": int32[seq_len]}
+      → stream into training, or Parquet shards + manifest (`prepare`)
 
-Reading, cleaning and tokenising are one fused Ray Data task per byte range (no object-store hop
-between them, one task per CPU); only the packer is a separate, serial stage.
+`plan_corpus` resolves the corpus and plans its reads once; that `CorpusPlan` is what every later
+step takes (tokenizer training, packing, shards, the manifest's corpus hash). No process sees every
+token: packing happens inside the range tasks (`packing.py`), exact de-duplication is spread over
+`data.dedup_partitions` actors (`dedup.py`), and each range reports its counts to the ledger once.
 
 `token_datasets` is what training calls; `prepare` materialises the blocks as Parquet shards.
-Block order is part of the contract (packing is exact only in order), so this module turns on
+Block order is part of the contract (resume skips a counted number of blocks), so this module turns on
 `DataContext.execution_options.preserve_order` for the driver; Ray Train copies that setting into
 the datasets it splits across workers.
 """
@@ -18,20 +22,20 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.data import DataContext
 
-from data_pipelines.cleaning import clean_batch, select_split
+from data_pipelines.cleaning import clean_batch, training_documents
 from data_pipelines.config import DataConfig, TokenizerConfig
+from data_pipelines.dedup import DedupIndex
 from data_pipelines.demo_corpus import write_demo_corpus
-from data_pipelines.packing import Packer, tokenize_batch
-from data_pipelines.readers import InputFile, list_inputs, plan_reads, read_ranges_udf
+from data_pipelines.packing import pack_ranges
+from data_pipelines.readers import InputFile, list_inputs, object_store_env, plan_reads, read_ranges_udf
 from data_pipelines.shards import (
     MANIFEST_FORMAT,
     read_manifest,
@@ -43,12 +47,9 @@ from data_pipelines.shards import (
 from data_pipelines.stats import CorpusStats, combine, new_ledger
 from data_pipelines.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 
-# The packer's max_restarts / allow_out_of_order_execution have no named map_batches parameter in Ray
-# 2.60, only the deprecated **ray_remote_args; silence that one warning for this module's calls.
-warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning, __name__)
-
 TOKENIZER_STAMP = "raylm_tokenizer.json"
 SPLITS = ("train", "val")
+CPUS_PER_DEDUP_PARTITION = 32
 
 
 class DataPipelineError(ValueError):
@@ -60,7 +61,8 @@ class TokenData:
     """Packed token blocks for training, and where they came from.
 
     `train`/`val` rows are {"input_ids": int32 array of length seq_len}. In stream mode they are
-    lazily executed: `stats()` reports the counts of the latest complete pass over each split.
+    lazily executed: `stats()` sums the counts of every range executed so far (a range counts the
+    same in every pass), so after one full pass over each split it describes exactly their blocks.
     """
 
     train: ray.data.Dataset
@@ -68,7 +70,8 @@ class TokenData:
     tokenizer_dir: str
     seq_len: int
     manifest: dict[str, Any] | None = None  # materialise mode: the manifest the shards came with
-    ledger: Any = None  # stream mode: the StatsLedger actor the packers report to
+    ledger: Any = None  # stream mode: the StatsLedger actor the range tasks report to
+    dedup: DedupIndex | None = None  # stream mode: the dedup partitions (their memory, for reports)
 
     def stats(self) -> CorpusStats | None:
         if self.manifest is not None:
@@ -100,35 +103,63 @@ def resolve_corpus(data: DataConfig, run_dir: str) -> tuple[DataConfig, list[Inp
 
 
 def corpus_hash(data: DataConfig, files: list[InputFile]) -> str:
-    """Identity of the cleaned corpus: cleaning settings plus each input file's name, size and mtime.
+    """Identity of the packed corpus: cleaning and planning settings plus each file's name, size, mtime.
 
     Performance knobs, the mode, seq_len (checked on its own) and the shard location are left out,
     so changing them never invalidates a tokenizer or shards that are still correct.
     """
-    settings = data.model_dump(
-        mode="json",
-        exclude={"mode", "shards_dir", "tokenize_batch_size", "tokenize_tasks", "read_chunk_mb", "seq_len"},
-    )
+    knobs = {"mode", "shards_dir", "tokenize_batch_size", "tokenize_tasks", "dedup_partitions", "seq_len"}
+    settings = data.model_dump(mode="json", exclude=knobs)
     files_id = [(f.uri, f.format, f.size, f.mtime_ns) for f in files]
     payload = json.dumps({"data": settings, "files": files_id}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    """The resolved corpus and its read plan, made once and passed forward through every step.
+
+    `ranges` are the rows of `readers.plan_reads`; they depend on the files and the config only, so
+    the blocks (and a resumed run's position in them) are the same on any cluster.
+    """
+
+    data: DataConfig  # the effective config (the demo corpus filled in)
+    files: list[InputFile]
+    ranges: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, data: DataConfig, files: list[InputFile]) -> CorpusPlan:
+        return cls(data, files, plan_reads(files, data))
+
+    @property
+    def hash(self) -> str:
+        return corpus_hash(self.data, self.files)
+
+
+def plan_corpus(data: DataConfig, run_dir: str) -> CorpusPlan:
+    """Resolve the corpus (writing the demo corpus if none is configured) and plan its reads."""
+    return CorpusPlan.of(*resolve_corpus(data, run_dir))
 
 
 def _ordered() -> None:
     DataContext.get_current().execution_options.preserve_order = True
 
 
-def _task_args(data: DataConfig, files: list[InputFile]) -> dict[str, Any]:
-    """The same arguments on every task stage, so Ray Data fuses them into one task per byte range.
+def _task_args(plan: CorpusPlan) -> dict[str, Any]:
+    """Options of the range tasks.
 
-    The default cap is the cluster's CPU count (or the number of read ranges, if fewer): Ray frees a
+    The default cap is the cluster's CPU count (or the number of ranges, if fewer): Ray frees a
     task's CPU while its output generator is paused by back-pressure, and without a cap Ray Data then
     starts more tasks than there are cores, which only adds processes fighting for the same caches
-    (measured 10-15% slower on two cores).
+    (measured 10-15% slower on two cores). The cap only schedules; it never changes the blocks.
+    Object-store credentials set in the driver's environment travel with the tasks (see
+    `readers.object_store_env`), so a corpus on s3:// reads the same from every node.
     """
-    cpus = _cluster_cpus()
-    cap = data.tokenize_tasks or min(cpus, len(plan_reads(files, data, cpus)))
-    return {"batch_format": "pyarrow", "compute": ray.data.TaskPoolStrategy(size=cap)}
+    cap = min(plan.data.tokenize_tasks or _cluster_cpus(), max(1, len(plan.ranges)))
+    args: dict[str, Any] = {"batch_format": "pyarrow", "compute": ray.data.TaskPoolStrategy(size=cap)}
+    if env := object_store_env():
+        args["runtime_env"] = {"env_vars": env}
+    return args
 
 
 def _cluster_cpus() -> int:
@@ -136,21 +167,29 @@ def _cluster_cpus() -> int:
     return max(1, int(cpus or 1))
 
 
-def documents(data: DataConfig, files: list[InputFile]) -> ray.data.Dataset:
-    """Lazy dataset of every input document: text (cleaned), reason ("" = kept), bytes, hash, val."""
+def _ranges(plan: CorpusPlan) -> ray.data.Dataset:
     _ordered()
-    items = plan_reads(files, data, _cluster_cpus())
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_ranges_udf, batch_size=1, fn_kwargs={"cfg": data}, **_task_args(data, files))
-    return ds.map_batches(clean_batch, batch_size=None, fn_kwargs={"cfg": data}, **_task_args(data, files))
+    return ray.data.from_items(plan.ranges, override_num_blocks=max(1, len(plan.ranges)))
 
 
-def _split(docs: ray.data.Dataset, which: str, data: DataConfig, files: list[InputFile]) -> ray.data.Dataset:
-    args = _task_args(data, files)
-    return docs.map_batches(select_split, batch_size=None, fn_kwargs={"which": which}, **args)
+def plan_documents(plan: CorpusPlan) -> ray.data.Dataset:
+    """Lazy dataset of every input document: text (cleaned), reason ("" = kept), bytes, hash, val."""
+    args = _task_args(plan)
+    ds = _ranges(plan).map_batches(read_ranges_udf, batch_size=1, fn_kwargs={"cfg": plan.data}, **args)
+    return ds.map_batches(clean_batch, batch_size=None, fn_kwargs={"cfg": plan.data}, **args)
+
+
+def documents(data: DataConfig, files: list[InputFile]) -> ray.data.Dataset:
+    """`plan_documents` for callers that hold the config and files only (evaluation's held-out text)."""
+    return plan_documents(CorpusPlan.of(data, files))
 
 
 def ensure_tokenizer(data: DataConfig, tok: TokenizerConfig, run_dir: str, files: list[InputFile]) -> str:
+    """`ensure_plan_tokenizer` for callers that hold the config and files only."""
+    return ensure_plan_tokenizer(CorpusPlan.of(data, files), tok, run_dir)
+
+
+def ensure_plan_tokenizer(plan: CorpusPlan, tok: TokenizerConfig, run_dir: str) -> str:
     """`tok.path` if set; else `<run_dir>/tokenizer`, trained on the cleaned training split unless the
     folder already holds a tokenizer trained with the same settings on the same corpus."""
     if tok.path:
@@ -161,14 +200,15 @@ def ensure_tokenizer(data: DataConfig, tok: TokenizerConfig, run_dir: str, files
         return tok.path
     out = local_dir(run_dir, "training a tokenizer") / "tokenizer"
     stamp = out / TOKENIZER_STAMP
-    want = {"tokenizer": tok.model_dump(mode="json", exclude={"path"}), "corpus": corpus_hash(data, files)}
+    want = {"tokenizer": tok.model_dump(mode="json", exclude={"path"}), "corpus": plan.hash}
     if stamp.is_file() and (out / "tokenizer.json").is_file():
         try:
             if json.loads(stamp.read_text()) == want:
                 return str(out)
         except ValueError:
             pass
-    docs = _split(documents(data, files), "tokenizer", data, files).limit(tok.max_training_docs)
+    docs = plan_documents(plan).map_batches(training_documents, batch_size=None, **_task_args(plan))
+    docs = docs.limit(tok.max_training_docs)
     n_docs = 0
 
     def texts():
@@ -193,41 +233,31 @@ def _tokenizer_payload(tokenizer_dir: str) -> tuple[str, int]:
 
 
 def packed_blocks(
-    docs: ray.data.Dataset,
-    split: str,
-    data: DataConfig,
-    tokenizer_dir: str,
-    ledger: Any,
-    files: list[InputFile],
+    plan: CorpusPlan, split: str, tokenizer_dir: str, ledger: Any, dedup: DedupIndex | None
 ) -> ray.data.Dataset:
-    """Lazy dataset of {"input_ids": int32[seq_len]} blocks for one split of `documents(data, files)`."""
+    """Lazy dataset of {"input_ids": int32[seq_len]} blocks of one split: one task per planned range."""
     tokenizer_json, eos_id = _tokenizer_payload(tokenizer_dir)
-    ds = _split(docs, split, data, files)
-    ds = ds.map_batches(
-        tokenize_batch,
-        batch_size=None,
-        fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id},
-        **_task_args(data, files),
-    )
-    return ds.map_batches(
-        Packer,
-        batch_size=None,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.25,
-        # Ray Data lets its actors run queued calls out of order by default (preserve_order only
-        # reorders outputs); the packer's carry buffer and seen-set need its calls in corpus order.
-        allow_out_of_order_execution=False,
-        # A restarted packer would have lost its carry and seen-set and emit wrong blocks without a
-        # word: fail the execution instead (training then resumes from its last checkpoint).
-        max_restarts=0,
-        fn_constructor_kwargs={
-            "seq_len": data.seq_len,
-            "split": split,
-            "dedup": data.dedup,
-            "ledger": ledger,
-        },
-    )
+    kwargs = {
+        "cfg": plan.data,
+        "split": split,
+        "tokenizer_json": tokenizer_json,
+        "eos_id": eos_id,
+        "dedup": dedup,
+        "ledger": ledger,
+    }
+    return _ranges(plan).map_batches(pack_ranges, batch_size=1, fn_kwargs=kwargs, **_task_args(plan))
+
+
+def _dedup(plan: CorpusPlan) -> DedupIndex | None:
+    """The dedup partitions: `data.dedup_partitions`, else enough that each holds the documents of
+    at most 1 GiB of corpus and serves at most `CPUS_PER_DEDUP_PARTITION` CPUs (one partition alone
+    keeps up with about 40 cores' tokenisation, see benchmarks/tokenize_throughput.py), and no more:
+    each is a process start, about a second of CPU. The count never changes the blocks."""
+    if not plan.data.dedup:
+        return None
+    corpus_gib = -(-sum(f.size for f in plan.files) // (1 << 30))
+    by_cpus = -(-_cluster_cpus() // CPUS_PER_DEDUP_PARTITION)
+    return DedupIndex(plan.data.dedup_partitions or max(1, corpus_gib, by_cpus))
 
 
 def shards_dir_of(data: DataConfig, run_dir: str) -> str:
@@ -254,15 +284,14 @@ def prepare(
     `on_blocks(split, blocks_written)` is called as blocks arrive (for progress displays).
     """
     shards_dir = shards_dir_of(data, run_dir)
-    data, files = resolve_corpus(data, run_dir)
-    tokenizer_dir = ensure_tokenizer(data, tok, run_dir, files)
-    ledger = new_ledger()
+    plan = plan_corpus(data, run_dir)
+    tokenizer_dir = ensure_plan_tokenizer(plan, tok, run_dir)
+    ledger, dedup = new_ledger(), _dedup(plan)
     reset_dir(shards_dir)
-    docs = documents(data, files)
     splits = {}
     for split in SPLITS:
         names, blocks = write_split(
-            packed_blocks(docs, split, data, tokenizer_dir, ledger, files),
+            packed_blocks(plan, split, tokenizer_dir, ledger, dedup),
             shards_dir,
             split,
             data.seq_len,
@@ -275,7 +304,8 @@ def prepare(
         "seq_len": data.seq_len,
         "tokenizer_hash": tokenizer_hash(tokenizer_dir),
         "tokenizer_dir": str(tokenizer_dir),
-        "data_hash": corpus_hash(data, files),
+        "data_hash": plan.hash,
+        "read_ranges": len(plan.ranges),
         "splits": splits,
         "stats": stats.to_dict(),
         "created_unix_s": int(time.time()),
@@ -289,10 +319,10 @@ def current_manifest(data: DataConfig, tok: TokenizerConfig, run_dir: str) -> di
 
     Trains the tokenizer first when the run has no current one (its hash is part of the check).
     """
-    effective, files = resolve_corpus(data, run_dir)
-    tokenizer_dir = ensure_tokenizer(effective, tok, run_dir, files)
+    plan = plan_corpus(data, run_dir)
+    tokenizer_dir = ensure_plan_tokenizer(plan, tok, run_dir)
     manifest = read_manifest(shards_dir_of(data, run_dir))
-    current = _current(manifest, data.seq_len, tokenizer_hash(tokenizer_dir), corpus_hash(effective, files))
+    current = _current(manifest, data.seq_len, tokenizer_hash(tokenizer_dir), plan.hash)
     return manifest if current else None
 
 
@@ -304,9 +334,8 @@ def token_datasets(data: DataConfig, tok: TokenizerConfig, run_dir: str) -> Toke
         shards_dir = shards_dir_of(data, run_dir)
         train, val = (read_split(shards_dir, manifest, split) for split in SPLITS)
         return TokenData(train, val, manifest["tokenizer_dir"], data.seq_len, manifest=manifest)
-    effective, files = resolve_corpus(data, run_dir)
-    tokenizer_dir = ensure_tokenizer(effective, tok, run_dir, files)
-    ledger = new_ledger()
-    docs = documents(effective, files)
-    train, val = (packed_blocks(docs, split, effective, tokenizer_dir, ledger, files) for split in SPLITS)
-    return TokenData(train, val, str(tokenizer_dir), data.seq_len, ledger=ledger)
+    plan = plan_corpus(data, run_dir)
+    tokenizer_dir = ensure_plan_tokenizer(plan, tok, run_dir)
+    ledger, dedup = new_ledger(), _dedup(plan)
+    train, val = (packed_blocks(plan, split, tokenizer_dir, ledger, dedup) for split in SPLITS)
+    return TokenData(train, val, str(tokenizer_dir), data.seq_len, ledger=ledger, dedup=dedup)

@@ -7,10 +7,11 @@ cannot become a document is emitted with a drop reason (counted downstream) inst
 streamed in 1 MiB chunks and a record longer than the size bound is skipped without being held, so a
 single 100 MB line costs neither a crash nor 100 MB of memory.
 
-A large uncompressed .jsonl or paragraph-mode .txt file is read as several byte ranges in parallel
-(`plan_reads`). Each range starts at a record boundary found from its planned offset alone (the next
-line start for jsonl, the next blank line for paragraphs), so neighbouring ranges agree on where one
-ends and the next begins, and the documents come out exactly as one sequential read would give them.
+The corpus is planned once into ranges of about one chunk each (`plan_reads`): a large uncompressed
+.jsonl or paragraph-mode .txt file is cut into byte ranges, small files are grouped. A byte range
+starts at a record boundary found from its planned offset alone (the next line start for jsonl, the
+next blank line for paragraphs), so neighbouring ranges agree on where one ends and the next begins,
+and the documents come out exactly as one sequential read would give them.
 """
 
 from __future__ import annotations
@@ -46,6 +47,34 @@ _PARAGRAPH_BREAK = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
 _NEWLINE = re.compile(rb"\n")
 _HSPACE = b" \t\r\f\v"
 RAW_SCHEMA = pa.schema([("text", pa.large_string()), ("reason", pa.string()), ("bytes", pa.int64())])
+
+
+# Standard variables the AWS SDK (and so pyarrow's S3 filesystem) and Google Cloud Storage read.
+OBJECT_STORE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
+
+
+def object_store_env() -> dict[str, str]:
+    """The object-store variables set in this process, for Ray workers that read or write URIs.
+
+    Ray workers inherit the environment of the node they run on, not the driver's; passing these on
+    (as runtime_env env_vars) lets a corpus and shards on s3:// work from every node with the
+    credentials the user configured, while a cluster whose nodes have their own (an IAM role, a
+    mounted config) gets nothing extra when the driver sets none.
+    """
+    return {k: os.environ[k] for k in OBJECT_STORE_ENV if os.environ.get(k)}
 
 
 class CorpusNotFoundError(FileNotFoundError):
@@ -268,26 +297,51 @@ def splittable(f: InputFile, cfg: DataConfig) -> bool:
     return f.format == "jsonl" or (f.format == "txt" and cfg.txt_document == "paragraph")
 
 
-def plan_reads(files: list[InputFile], cfg: DataConfig, cpus: int) -> list[dict[str, Any]]:
-    """One read task per byte range: rows of (uri, format, start, end), in corpus order.
+def _chunk_bytes(files: list[InputFile], cfg: DataConfig) -> int:
+    """Bytes per read range: `data.read_chunk_mb`, else 1/64 of the corpus clamped to 1–64 MiB.
 
-    The range size is `data.read_chunk_mb`, or by default about a quarter of each CPU's share of the
-    corpus (1–64 MiB), so even a single large file keeps every CPU busy with a few tasks each.
+    A function of the corpus and the config only, never of the cluster: the ranges decide where
+    packing drops its per-range tails, so the same corpus gives the same blocks on any cluster, and a
+    resumed run on a cluster with a different CPU count continues exactly.
     """
     if cfg.read_chunk_mb:
-        chunk = max(1, int(cfg.read_chunk_mb * (1 << 20)))
-    else:
-        total = sum(f.size for f in files)
-        chunk = min(64 << 20, max(1 << 20, total // (4 * max(1, cpus))))
-    items = []
+        return max(1, int(cfg.read_chunk_mb * (1 << 20)))
+    total = sum(f.size for f in files)
+    return min(64 << 20, max(1 << 20, total // 64))
+
+
+def plan_reads(files: list[InputFile], cfg: DataConfig) -> list[dict[str, Any]]:
+    """The read plan: ranges of about one chunk each, in corpus order, as rows {"index", "pieces"}.
+
+    `pieces` is a JSON list of (uri, format, start, end) file pieces read one after the other: a large
+    splittable file is cut into chunk-sized byte ranges (`end` set), and small or unsplittable files
+    are grouped whole (`end` None) until the range holds about one chunk, so a corpus of many small
+    files neither starts a task per file nor drops a packing tail per file.
+    """
+    chunk = _chunk_bytes(files, cfg)
+    ranges: list[list[dict[str, Any]]] = []
+    group: list[dict[str, Any]] = []
+    group_bytes = 0
     for f in files:
         if splittable(f, cfg) and f.size > chunk:
+            if group:
+                ranges.append(group)
+                group, group_bytes = [], 0
             bounds = [*range(0, f.size, chunk), f.size]
-            pairs = itertools.pairwise(bounds)
-            items += [{"uri": f.uri, "format": f.format, "start": a, "end": b} for a, b in pairs]
-        else:  # the whole file, however big
-            items.append({"uri": f.uri, "format": f.format, "start": 0, "end": None})
-    return items
+            ranges += [[_piece(f, a, b)] for a, b in itertools.pairwise(bounds)]
+            continue
+        group.append(_piece(f, 0, None))
+        group_bytes += f.size
+        if group_bytes >= chunk:
+            ranges.append(group)
+            group, group_bytes = [], 0
+    if group:
+        ranges.append(group)
+    return [{"index": i, "pieces": json.dumps(pieces)} for i, pieces in enumerate(ranges)]
+
+
+def _piece(f: InputFile, start: int, end: int | None) -> dict[str, Any]:
+    return {"uri": f.uri, "format": f.format, "start": start, "end": end}
 
 
 def _boundary(f, offset: int, size: int, paragraph: bool) -> int:
@@ -382,7 +436,13 @@ def _tables(docs: Iterator[tuple[str, str, int]], out: _Out) -> Iterator[pa.Tabl
         yield table
 
 
+def read_range(item: dict[str, Any], cfg: DataConfig) -> Iterator[pa.Table]:
+    """Raw document tables of one planned range (a row of `plan_reads`), its pieces in order."""
+    for piece in json.loads(item["pieces"]):
+        yield from read_file_docs(piece["uri"], piece["format"], cfg, piece["start"], piece["end"])
+
+
 def read_ranges_udf(batch: pa.Table, cfg: DataConfig) -> Iterator[pa.Table]:
-    """Ray Data map_batches UDF: rows of (uri, format, start, end) → raw document tables."""
-    for row in batch.to_pylist():
-        yield from read_file_docs(row["uri"], row["format"], cfg, row["start"], row["end"])
+    """Ray Data map_batches UDF: planned ranges → raw document tables."""
+    for item in batch.to_pylist():
+        yield from read_range(item, cfg)

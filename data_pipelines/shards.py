@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from data_pipelines.readers import open_uri
+from data_pipelines.readers import object_store_env, open_uri
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "raylm-token-shards/1"
@@ -112,4 +112,6 @@ def write_split(
 def read_split(shards_dir: str, manifest: dict[str, Any], split: str) -> ray.data.Dataset:
     fs, root = open_uri(shards_dir)
     paths = [_join(root, name) for name in manifest["splits"][split]["files"]]
-    return ray.data.read_parquet(paths, filesystem=fs)
+    env = object_store_env()  # the read tasks open the shards on other nodes (see readers)
+    remote_args = {"runtime_env": {"env_vars": env}} if env else {}
+    return ray.data.read_parquet(paths, filesystem=fs, ray_remote_args=remote_args)

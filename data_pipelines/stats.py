@@ -1,13 +1,13 @@
 """What happened to the corpus: documents read, kept, dropped per reason, bytes, tokens, blocks.
 
-The counts are taken where every document passes in a fixed order (the single packing actor of each
-split), and reported to one `StatsLedger` actor, so the numbers are exact and describe exactly the
-blocks that were produced, in stream mode as well as in materialise mode.
+Each range task counts the documents of its range and split and reports them to one `StatsLedger`
+actor in a single call per range (not per batch, so the ledger is off the hot path), before the
+range's last blocks leave the task. The totals are exact and describe exactly the blocks that were
+produced, in stream mode as well as in materialise mode.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,23 +91,28 @@ class CorpusStats:
 
 @ray.remote(num_cpus=0)
 class StatsLedger:
-    """Latest counts per split from the packer of the most recent execution of that split.
+    """Counts per (split, range) from the range tasks; a split's total is the sum over its ranges.
 
-    A lazily executed dataset may run more than once (every epoch, train and val separately). Each
-    execution starts a fresh packer that reports cumulative snapshots tagged with its start time, so
-    the ledger keeps the newest execution's snapshot instead of adding executions up.
+    A lazily executed dataset may run more than once (every epoch, train and val separately), and a
+    failed task may be retried. A range's counts are a function of the corpus and config alone, so a
+    repeated report replaces the earlier one with the same numbers instead of adding it up again.
     """
 
     def __init__(self) -> None:
-        self._latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._ranges: dict[str, dict[int, dict[str, Any]]] = {}
 
-    def update(self, split: str, started_ns: int, snapshot: dict[str, Any]) -> None:
-        current = self._latest.get(split)
-        if current is None or started_ns >= current[0]:
-            self._latest[split] = (started_ns, snapshot)
+    def add(self, split: str, range_index: int, counts: dict[str, Any]) -> None:
+        self._ranges.setdefault(split, {})[range_index] = counts
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {split: snap for split, (_, snap) in self._latest.items()}
+        """Per split, the counts summed over the ranges reported so far."""
+        out = {}
+        for split, ranges in self._ranges.items():
+            total = CorpusStats()
+            for counts in ranges.values():
+                total = total + CorpusStats.from_dict(counts)
+            out[split] = total.to_dict()
+        return out
 
 
 def new_ledger() -> ray.actor.ActorHandle:
@@ -120,7 +125,3 @@ def combine(per_split: dict[str, dict[str, Any]]) -> CorpusStats:
     for snap in per_split.values():
         total = total + CorpusStats.from_dict(snap)
     return total
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -12,6 +12,7 @@ import argparse
 import functools
 import logging
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,23 @@ class PretrainResult:
     loss_curve: Path | None
 
 
+def local_run_dir(cfg: RunConfig) -> Path:
+    """Where this process writes the run's files: the run folder, or for a run folder on object
+    storage (checkpoints go there through Ray Train) a local folder named after its URI."""
+    run_dir = cfg.run_dir()
+    if "://" in run_dir:
+        return Path(tempfile.gettempdir(), "raylm-runs", run_dir.replace("://", "/", 1))
+    return Path(run_dir).resolve()
+
+
 def loop_spec(cfg: RunConfig, tokenizer_dir: str, seq_len: int) -> LoopSpec:
     """The pretraining LoopSpec: causal-LM loss on packed `input_ids` blocks."""
     tokenizer = load_tokenizer(tokenizer_dir)
     config = hf_config(cfg.model, tokenizer, seq_len)
     return LoopSpec(
         stage=STAGE,
-        run_dir=str(Path(cfg.run_dir()).resolve()),
+        run_dir=str(local_run_dir(cfg)),
+        storage_path=cfg.run_dir() if "://" in cfg.run_dir() else None,
         train=cfg.train,
         build_model=functools.partial(build_model, config, cfg.model.init_from),
         seq_len=seq_len,
@@ -86,7 +97,7 @@ def run(cfg: RunConfig, resume: bool = False) -> PretrainResult:
     from cluster.local_ray import ensure_ray
     from data_pipelines.pipeline import token_datasets
 
-    check_fresh(Path(cfg.run_dir()).resolve() / STAGE, resume)
+    check_fresh(local_run_dir(cfg) / STAGE, resume)
     ensure_ray(cfg.cluster)
     td = token_datasets(cfg.data, cfg.tokenizer, cfg.run_dir())
     return train(cfg, td.train, td.val, td.tokenizer_dir, td.seq_len, resume=resume)

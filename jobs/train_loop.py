@@ -76,6 +76,9 @@ class LoopSpec:
     config_hash: str = ""
     probe_len: int = 16  # final checkpoint stores logits of a fixed input, to verify export round-trips
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    # Ray Train's storage when checkpoints live at a URI (s3://...); run_dir then holds only the local
+    # artefacts (metrics, exports) and the checkpoints are fetched from here for export.
+    storage_path: str | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -446,7 +449,7 @@ def fit(spec: LoopSpec, datasets: dict[str, Any], resume: bool = False, progress
         dataset_config=DataConfig(datasets_to_split=[spec.train_dataset], execution_options=ingest),
         run_config=RunConfig(
             name=spec.stage,
-            storage_path=str(Path(spec.run_dir).resolve()),
+            storage_path=spec.storage_path or str(Path(spec.run_dir).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -461,8 +464,23 @@ def fit(spec: LoopSpec, datasets: dict[str, Any], resume: bool = False, progress
             tail.stop()
 
 
+def _fetch_checkpoints(uri: str, out_dir: Path) -> None:
+    """Copy the stage's checkpoint folders from object storage into `out_dir` (export reads files)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    here = pafs.LocalFileSystem()
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        local = out_dir / info.base_name
+        is_checkpoint = info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        if is_checkpoint and not local.exists():
+            pafs.copy_files(info.path, str(local), source_filesystem=fs, destination_filesystem=here)
+
+
 def final_checkpoint(spec: LoopSpec) -> Path:
     """Newest complete checkpoint of a finished stage (what export and the next stage start from)."""
+    if spec.storage_path:
+        _fetch_checkpoints(f"{spec.storage_path.rstrip('/')}/{spec.stage}", spec.out_dir)
     found = newest_complete(spec.out_dir)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint under {spec.out_dir}")

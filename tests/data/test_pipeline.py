@@ -1,4 +1,9 @@
-"""The corpus → token pipeline on a real Ray cluster: counts, exact packing, split, both modes."""
+"""The corpus → token pipeline on a real Ray cluster: counts, exact packing, dedup, split, both modes.
+
+The reference (`expected_blocks`) is computed without Ray, document by document, straight from the
+contract: clean, drop a content seen earlier in corpus order, tokenise with eos, pack each planned
+range on its own and drop its tail.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from tokenizers import Tokenizer
 from data_pipelines.cleaning import clean_text, doc_hash, is_val
 from data_pipelines.config import DataConfig, TokenizerConfig
 from data_pipelines.pipeline import current_manifest, prepare, token_datasets
-from data_pipelines.readers import list_inputs, read_file_docs
+from data_pipelines.readers import list_inputs, plan_reads, read_range
 from data_pipelines.tokenizer import EOS, load_tokenizer, tokenizer_hash
 from tests.data.conftest import expected_reasons
 
@@ -30,22 +35,31 @@ def _joined_ids(tokenizer_dir: str, docs: list[str]) -> list[int]:
     return [i for d in docs for i in [*tok.encode(d, add_special_tokens=False).ids, eos]]
 
 
-def _expected_docs(cfg: DataConfig) -> list[str]:
-    """Cleaned, de-duplicated documents in corpus order, computed without Ray."""
-    seen, docs = set(), []
-    for f in list_inputs(cfg.paths, cfg.format):
-        for table in read_file_docs(f.uri, f.format, cfg):
+def expected_blocks(cfg: DataConfig, tokenizer_dir: str, split: str) -> tuple[np.ndarray, int, int]:
+    """(blocks, dropped tail tokens, kept documents) of one split, computed without Ray."""
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    seen: set[int] = set()
+    blocks, tail, kept = [], 0, 0
+    for item in plan_reads(list_inputs(cfg.paths, cfg.format), cfg):
+        stream: list[int] = []
+        for table in read_range(item, cfg):
             for text, reason in zip(
                 table.column("text").to_pylist(), table.column("reason").to_pylist(), strict=True
             ):
                 if reason:
                     continue
                 text, reason = clean_text(text, cfg)
-                if reason or (h := doc_hash(text)) in seen:
+                if reason or (cfg.dedup and doc_hash(text) in seen):
                     continue
-                seen.add(h)
-                docs.append(text)
-    return docs
+                seen.add(doc_hash(text))
+                if is_val(doc_hash(text), cfg.val_fraction) == (split == "val"):
+                    kept += 1
+                    stream += [*tok.encode(text, add_special_tokens=False).ids, eos]
+        n = len(stream) // cfg.seq_len
+        blocks += stream[: n * cfg.seq_len]
+        tail += len(stream) - n * cfg.seq_len
+    return np.array(blocks, dtype=np.int32).reshape(-1, cfg.seq_len), tail, kept
 
 
 def test_broken_corpus_is_counted_per_reason_and_never_crashes(
@@ -75,33 +89,56 @@ def test_broken_corpus_is_counted_per_reason_and_never_crashes(
     assert load_tokenizer(td.tokenizer_dir).decode(expected) == "".join(d + EOS for d in kept)
 
 
-def test_packing_is_exact_across_files_and_batches_and_split_is_by_hash(
+def test_packing_is_exact_per_range_dedup_is_by_corpus_order_and_split_is_by_hash(
     ray_cluster, shakespeare_parts, tmp_path
 ):
+    """Several ranges (small read chunks, byte ranges inside files), several dedup partitions and
+    duplicates within a range and across ranges: blocks equal the reference, block for block."""
+    part0 = (shakespeare_parts / "part0.txt").read_text(encoding="utf-8").split("\n\n")
+    # A later file repeating earlier paragraphs, and itself twice: 40 duplicates of kept documents.
+    (shakespeare_parts / "part9.txt").write_text("\n\n".join(part0[:20] * 2), encoding="utf-8")
     cfg = DataConfig(
         paths=[str(shakespeare_parts)],
         seq_len=64,
         val_fraction=0.25,
         tokenize_batch_size=5,
-        tokenize_tasks=2,
+        tokenize_tasks=3,
+        dedup_partitions=3,
+        read_chunk_mb=10_000 / (1 << 20),
     )
+    assert len(plan_reads(list_inputs(cfg.paths), cfg)) >= 8
     td = token_datasets(cfg, TokenizerConfig(vocab_size=300), str(tmp_path / "run"))
-    tok = Tokenizer.from_file(str(Path(td.tokenizer_dir) / "tokenizer.json"))
-    eos = tok.token_to_id(EOS)
-    docs = _expected_docs(cfg)
-    stats = None
+    tails = 0
     for split, ds in (("train", td.train), ("val", td.val)):
-        mine = [d for d in docs if is_val(doc_hash(d), 0.25) == (split == "val")]
-        assert len(mine) > 10
-        expected = [i for d in mine for i in [*tok.encode(d, add_special_tokens=False).ids, eos]]
-        assert tok.decode(expected, skip_special_tokens=False) == "".join(d + EOS for d in mine)
+        expected, tail, kept = expected_blocks(cfg, td.tokenizer_dir, split)
+        assert kept > 10
         blocks = _blocks(ds)
-        n = len(blocks) * 64
-        assert blocks.reshape(-1).tolist() == expected[:n]
+        assert np.array_equal(blocks, expected)
         stats = td.stats()
-        assert getattr(stats, f"{split}_documents") == len(mine)
+        assert getattr(stats, f"{split}_documents") == kept
         assert getattr(stats, f"{split}_blocks") == len(blocks)
-    assert stats.tokens - stats.blocks * 64 == stats.dropped_tail_tokens > 0
+        tails += tail
+    assert stats.dropped_tail_tokens == tails > 0
+    assert stats.tokens - stats.blocks * 64 == stats.dropped_tail_tokens
+    assert stats.dropped.get("duplicate", 0) >= 40
+
+
+def test_blocks_do_not_depend_on_task_count_batching_or_partitions(ray_cluster, shakespeare_parts, tmp_path):
+    """What the cluster looks like (tasks, batch size, dedup partitions) never changes the blocks, so
+    a resumed run on a cluster of another size continues exactly; repeated executions agree too."""
+    base = DataConfig(paths=[str(shakespeare_parts)], seq_len=32, read_chunk_mb=10_000 / (1 << 20))
+    tok = TokenizerConfig(vocab_size=300)
+    runs = []
+    for tasks, batch, parts in ((1, 2048, 1), (4, 3, 5)):
+        cfg = base.model_copy(
+            update={"tokenize_tasks": tasks, "tokenize_batch_size": batch, "dedup_partitions": parts}
+        )
+        td = token_datasets(cfg, tok, str(tmp_path / "run"))
+        runs.append((_blocks(td.train), _blocks(td.val), td.stats()))
+        runs.append((_blocks(td.train), _blocks(td.val), td.stats()))  # the same lazy dataset again
+    for train, val, stats in runs[1:]:
+        assert np.array_equal(train, runs[0][0]) and np.array_equal(val, runs[0][1])
+        assert stats == runs[0][2]
 
 
 def test_parquet_column_through_file_uri(ray_cluster, tmp_path, char_tok):

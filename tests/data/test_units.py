@@ -15,7 +15,14 @@ from data_pipelines.cleaning import clean_text, doc_hash, is_val
 from data_pipelines.config import DataConfig, DemoCorpusConfig
 from data_pipelines.demo_corpus import write_demo_corpus
 from data_pipelines.pipeline import corpus_hash
-from data_pipelines.readers import CorpusNotFoundError, _records, list_inputs, plan_reads, read_file_docs
+from data_pipelines.readers import (
+    CorpusNotFoundError,
+    _records,
+    list_inputs,
+    plan_reads,
+    read_file_docs,
+    read_range,
+)
 
 
 def _docs(uri: str, fmt: str, cfg: DataConfig) -> list[tuple[str, str]]:
@@ -148,10 +155,10 @@ def test_byte_ranges_read_exactly_what_one_sequential_read_gives(
     path.write_bytes(body.encode("utf-8") + raw_tail)
     cfg = DataConfig(read_chunk_mb=chunk_bytes / (1 << 20), max_chars=40)
     whole = _docs(str(path), fmt, cfg)
-    items = plan_reads(list_inputs([str(path)]), cfg, cpus=2)
+    items = plan_reads(list_inputs([str(path)]), cfg)
     pieces_read = []
     for item in items:
-        for table in read_file_docs(item["uri"], item["format"], cfg, item["start"], item["end"]):
+        for table in read_range(item, cfg):
             pieces_read += list(
                 zip(table.column("text").to_pylist(), table.column("reason").to_pylist(), strict=True)
             )
@@ -163,9 +170,27 @@ def test_a_large_file_is_shared_between_range_tasks(tmp_path):
     path = tmp_path / "big.txt"
     path.write_text("".join(f"paragraph {i}\nline two\n\n" for i in range(400)))
     cfg = DataConfig(read_chunk_mb=2048 / (1 << 20))
-    items = plan_reads(list_inputs([str(path)]), cfg, cpus=2)
-    per_range = [
-        sum(t.num_rows for t in read_file_docs(i["uri"], "txt", cfg, i["start"], i["end"])) for i in items
-    ]
+    items = plan_reads(list_inputs([str(path)]), cfg)
+    per_range = [sum(t.num_rows for t in read_range(i, cfg)) for i in items]
     assert len(items) == -(-path.stat().st_size // 2048) and all(n > 50 for n in per_range)
     assert sum(per_range) == 400
+
+
+def test_read_plan_groups_small_files_cuts_large_ones_and_ignores_the_cluster(tmp_path):
+    """The plan is a function of the corpus and config only (a resume on another cluster sees the
+    same ranges): small files share a range in corpus order, a large splittable file is cut."""
+    for name, size in (("a.txt", 300), ("b.txt", 300), ("c.txt", 5000), ("d.jsonl", 200), ("e.txt", 900)):
+        (tmp_path / name).write_text("x\n\n" * (size // 3))
+    files = list_inputs([str(tmp_path)])
+    cfg = DataConfig(read_chunk_mb=1000 / (1 << 20))
+    plan = plan_reads(files, cfg)
+    assert plan == plan_reads(list_inputs([str(tmp_path)]), cfg)
+    layout = [
+        [(p["uri"].rsplit("/", 1)[1], p["end"] is not None) for p in json.loads(r["pieces"])] for r in plan
+    ]
+    assert [r["index"] for r in plan] == list(range(len(plan)))
+    assert layout[0] == [("a.txt", False), ("b.txt", False)]  # grouped until a chunk is full
+    assert all(row == [("c.txt", True)] for row in layout[1:6])  # 5000 bytes in 1000-byte ranges
+    assert layout[6:] == [[("d.jsonl", False), ("e.txt", False)]]
+    default = plan_reads(files, DataConfig())  # 1/64 of 6.7 kB is under the 1 MiB floor: one range
+    assert len(default) == 1 and len(json.loads(default[0]["pieces"])) == 5
