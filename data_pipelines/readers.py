@@ -271,14 +271,15 @@ def splittable(f: InputFile, cfg: DataConfig) -> bool:
 def plan_reads(files: list[InputFile], cfg: DataConfig, cpus: int) -> list[dict[str, Any]]:
     """One read task per byte range: rows of (uri, format, start, end), in corpus order.
 
-    The range size is `data.read_chunk_mb`, or by default about a quarter of each CPU's share of the
-    corpus (1–64 MiB), so even a single large file keeps every CPU busy with a few tasks each.
+    The range size is `data.read_chunk_mb`, or by default 1/64 of the corpus (1–64 MiB): enough ranges
+    to keep a few dozen CPUs busy, and a plan that depends on the corpus alone, never on the cluster's
+    CPU count (`cpus` is unused), so a run resumed on a different cluster reads the same ranges.
     """
     if cfg.read_chunk_mb:
         chunk = max(1, int(cfg.read_chunk_mb * (1 << 20)))
     else:
         total = sum(f.size for f in files)
-        chunk = min(64 << 20, max(1 << 20, total // (4 * max(1, cpus))))
+        chunk = min(64 << 20, max(1 << 20, total // 64))
     items = []
     for f in files:
         if splittable(f, cfg) and f.size > chunk:
