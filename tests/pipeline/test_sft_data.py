@@ -180,7 +180,7 @@ def test_ray_data_transform_produces_training_columns(ray_cluster, tokenizer_dir
         for i in range(40)
     ]
     rows = sft_dataset(records, str(tokenizer_dir), seq_len=48, packing=True, batch_records=16).take_all()
-    assert rows and set(rows[0]) == {"input_ids", "labels", "attention_mask"}
+    assert rows and set(rows[0]) == {"input_ids", "labels", "attention_mask", "position_ids"}
     assert all(len(r["input_ids"]) == 48 for r in rows)
     expected = sum(len(encode_chat(tokenizer, r["messages"])[0]) for r in records)
     assert sum(int(np.sum(r["attention_mask"])) for r in rows) == expected
