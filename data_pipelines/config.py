@@ -36,6 +36,9 @@ class DataConfig(BaseModel):
     min_chars: int = Field(1, ge=1, description="documents shorter than this (after cleaning) are dropped")
     max_chars: int = Field(1_000_000, ge=1, description="documents longer than this are dropped")
     dedup: bool = Field(True, description="exact de-duplication by content hash across the corpus")
+    shuffle: bool = Field(
+        True, description="seeded per-epoch shuffle of training blocks (train.seed); validation unshuffled"
+    )
     seq_len: int = Field(256, ge=8, le=131_072, description="tokens per packed block")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out, by hash")
     mode: Literal["stream", "materialize"] = Field(

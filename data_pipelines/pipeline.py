@@ -105,10 +105,11 @@ def resolve_corpus(data: DataConfig, run_dir: str) -> tuple[DataConfig, list[Inp
 def corpus_hash(data: DataConfig, files: list[InputFile]) -> str:
     """Identity of the packed corpus: cleaning and planning settings plus each file's name, size, mtime.
 
-    Performance knobs, the mode, seq_len (checked on its own) and the shard location are left out,
-    so changing them never invalidates a tokenizer or shards that are still correct.
+    Performance knobs, the mode, seq_len (checked on its own), the shard location and the training-side
+    shuffle are left out, so changing them never invalidates a tokenizer or shards that are still correct.
     """
-    knobs = {"mode", "shards_dir", "tokenize_batch_size", "tokenize_tasks", "dedup_partitions", "seq_len"}
+    knobs = {"mode", "shards_dir", "tokenize_batch_size", "tokenize_tasks", "dedup_partitions", "seq_len",
+             "shuffle"}
     settings = data.model_dump(mode="json", exclude=knobs)
     files_id = [(f.uri, f.format, f.size, f.mtime_ns) for f in files]
     payload = json.dumps({"data": settings, "files": files_id}, sort_keys=True)

@@ -58,7 +58,10 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(100, ge=1)
     num_to_keep: int | None = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1, description="-1 = retry forever")
-    seed: int = 0
+    seed: int = Field(0, description="model init and the per-epoch data shuffle (data.shuffle)")
+    shuffle_buffer_blocks: int = Field(
+        2048, ge=1, description="blocks each worker's local shuffle buffer holds (memory: n x seq_len x 4 B)"
+    )
     peak_flops: float = Field(1e12, gt=0, description="per-worker peak FLOP/s for the MFU estimate")
 
 

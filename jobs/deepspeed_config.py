@@ -19,8 +19,12 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return cfg.precision
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """DeepSpeed config dict for `world_size` workers (LR schedule is separate: see `lr_lambda`)."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed config dict for `world_size` workers (LR schedule is separate: see `lr_lambda`).
+
+    `load_universal` makes `load_checkpoint` read a universal checkpoint (`ds_to_universal` output):
+    how a ZeRO checkpoint written by a different number of workers is resumed.
+    """
     precision = resolve_precision(cfg)
     offloading = cfg.offload_optimizer or cfg.offload_params
     if cfg.offload_params and cfg.zero_stage != 3:
@@ -54,6 +58,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":

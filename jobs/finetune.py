@@ -42,10 +42,18 @@ class FinetuneError(ValueError):
 
 
 # ---- losses and token counts (module level: they are pickled to the workers) ------------------------
+def sft_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of packed rows, each example attending only to itself (see jobs/sft_data.py).
+
+    Position ids and no attention mask make transformers build the block-diagonal mask; it does so
+    only without a KV cache, so `use_cache=False` (an exported base model has the cache switched on).
+    """
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+
+
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token loss on the assistant tokens only (labels are -100 elsewhere)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return masked_lm_loss(logits, batch["labels"])
+    return masked_lm_loss(sft_logits(model, batch), batch["labels"])
 
 
 def seq2seq_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -275,10 +283,12 @@ def loop_spec(cfg: Any, base: Path | None, tokenizer_dir: str) -> Any:
         seq_len=ft.max_seq_len,
         loss_fn=seq2seq_loss if seq2seq else sft_loss,
         count_tokens=count_sft_tokens,
-        columns=("input_ids", "labels", "attention_mask"),
+        columns=("input_ids", "labels", "attention_mask") + (() if seq2seq else ("position_ids",)),
         tokenizer_dir=tokenizer_dir,
         config_hash=cfg.section_hash("finetune"),
         extra_meta={"method": ft.method, "task": ft.task, "base": str(base) if base else None},
+        shuffle=cfg.data.shuffle,
+        shuffle_blocks=True,  # sft_dataset materialises the encoded rows
     )
 
 

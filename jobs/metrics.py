@@ -134,6 +134,12 @@ class ProgressTail(threading.Thread):
                         progress.update(task, completed=r["step"], info=info)
                     elif r["event"] == "start":
                         progress.update(task, completed=r["step"], info=f"(re)started at step {r['step']}")
+                    elif r["event"] == "elastic_resume":
+                        old, new, took = r["from_world_size"], r["to_world_size"], r["conversion_s"]
+                        progress.console.print(
+                            f"resumed a {old}-worker checkpoint on {new} worker(s) through a universal "
+                            f"checkpoint (converted in {took:.1f} s)"
+                        )
 
     def stop(self) -> None:
         self._stop_event.set()

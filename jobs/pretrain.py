@@ -62,6 +62,10 @@ def loop_spec(cfg: RunConfig, tokenizer_dir: str, seq_len: int) -> LoopSpec:
         seq_len=seq_len,
         tokenizer_dir=str(tokenizer_dir),
         config_hash=cfg.section_hash("data", "tokenizer", "model"),
+        shuffle=cfg.data.shuffle,
+        # Parquet shards are on disk in full: a block permutation costs no waiting. Streamed blocks only
+        # get the workers' local shuffle (a permutation would wait for the whole corpus to stream).
+        shuffle_blocks=cfg.data.mode == "materialize",
     )
 
 

@@ -4,8 +4,15 @@ Records are rendered through the tokenizer's own chat template, so fine-tuning s
 the serving endpoint will build from a chat request. Only assistant turns are learned: every other
 position carries the label -100, which the loss ignores. Examples are either packed several to a row
 (little padding, fast on CPU) or padded one to a row. The tokenising and packing run as a Ray Data
-`map_batches` transform, producing the columns `input_ids`, `labels` and `attention_mask` that the
-shared training loop reads with `iter_torch_batches`.
+`map_batches` transform, producing the columns `input_ids`, `labels`, `attention_mask` and
+`position_ids` that the shared training loop reads with `iter_torch_batches`.
+
+A packed row must train each example exactly as if it were alone: `position_ids` restart at 0 for
+every example (and for the padding tail), and the model is called with those position ids and no
+2-D attention mask. transformers then reads each restart as a sequence boundary and builds a
+block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`, for eager and sdpa; flash
+attention gets the same boundaries as variable-length sequences), so no token attends to another
+example and every example sees the positions it will see at serving time.
 
 Encoder-decoder models get the same treatment without a chat template: `input_ids` is the source
 text, `labels` the target text, each ended by eos.
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 RECORD_COLUMN = "record"
-COLUMNS = ("input_ids", "labels", "attention_mask")
+COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
 RECORD_SHAPES = (
     "a record is {'prompt','response'}, {'input','output'} or {'messages': [{'role','content'}, ...]}"
 )
@@ -155,29 +162,36 @@ class Rows:
     packing: bool
 
     def __post_init__(self) -> None:
-        self.rows: list[tuple[list[int], list[int]]] = []
+        self.rows: list[tuple[list[int], list[int], list[int]]] = []  # ids, labels, position ids
 
     def add(self, ids: list[int], labels: list[int]) -> None:
         ids, labels = ids[: self.seq_len], labels[: self.seq_len]
         if all(label == IGNORE_INDEX for label in labels):
             return  # truncation left nothing to learn
         if self.packing and self.rows and len(self.rows[-1][0]) + len(ids) <= self.seq_len:
-            self.rows[-1][0].extend(ids)
-            self.rows[-1][1].extend(labels)
+            row = self.rows[-1]
         else:
-            self.rows.append((list(ids), list(labels)))
+            row = ([], [], [])
+            self.rows.append(row)
+        row[0].extend(ids)
+        row[1].extend(labels)
+        row[2].extend(range(len(ids)))  # each example starts at position 0, as when served alone
 
     def arrays(self) -> dict[str, np.ndarray]:
         n = len(self.rows)
+        # The padding tail is one more sequence (positions from 0): never attended to by real tokens.
         out = {
             "input_ids": np.full((n, self.seq_len), self.pad_id, dtype=np.int64),
             "labels": np.full((n, self.seq_len), IGNORE_INDEX, dtype=np.int64),
             "attention_mask": np.zeros((n, self.seq_len), dtype=np.int64),
+            "position_ids": np.zeros((n, self.seq_len), dtype=np.int64),
         }
-        for r, (ids, labels) in enumerate(self.rows):
+        for r, (ids, labels, positions) in enumerate(self.rows):
             out["input_ids"][r, : len(ids)] = ids
             out["labels"][r, : len(labels)] = labels
             out["attention_mask"][r, : len(ids)] = 1
+            out["position_ids"][r, : len(ids)] = positions
+            out["position_ids"][r, len(ids) :] = np.arange(self.seq_len - len(ids))
         return out
 
 
@@ -265,7 +279,7 @@ def sft_dataset(
     rows = ds.count()
     if rows == 0:
         raise SftDataError("no training rows: truncation cut every answer away (raise finetune.max_seq_len)")
-    row_bytes = 8 * (2 * seq_len + (target_len if seq2seq else seq_len))
+    row_bytes = 8 * (2 * seq_len + (target_len if seq2seq else 2 * seq_len))  # int64 columns
     copies = min(-(-min_rows // rows), max(1, max_bytes // (row_bytes * rows)))
     if copies > 1:
         ds = ds.union(*(ds.randomize_block_order(seed=seed + i) for i in range(1, copies)))

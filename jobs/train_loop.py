@@ -6,14 +6,27 @@ loop supplies everything else the same way for every stage: the DeepSpeed engine
 `zero.Init`), validation, metrics, complete-only checkpoints, and exact resume of model, optimizer,
 scheduler and data position after a worker failure or a `--resume`.
 
-Data position: each worker counts the micro batches it consumed in the current epoch of its shard;
-on resume it skips exactly that many from the re-created iterator. Ray Data's `streaming_split` is
-called with `equal=True` and the driver asks for `preserve_order`, so every epoch yields the same
-number of batches per worker and the skipped count matches what was trained.
+Data order and position (what makes a resume exact):
+
+1. The driver re-cuts the training split into blocks of exactly `ROWS_PER_BLOCK` rows. Ray Train hands
+   blocks to workers with `streaming_split(equal=True)`, which (under `preserve_order`) gives each block
+   to the worker with the fewest rows so far; with uniform blocks a worker's row sequence depends on
+   the row sequence alone, not on how many files, read tasks or CPUs produced it.
+2. Materialised data (`LoopSpec.shuffle_blocks`) also gets a seeded permutation of those blocks.
+3. Each worker shuffles its rows through Ray Data's local shuffle buffer, seeded by (seed, epoch, rank):
+   a new order every epoch, the same order for the same epoch on every (re)start.
+4. Each worker counts the micro batches it consumed in the current epoch; on resume it re-creates that
+   epoch's iterator and skips exactly that many. Every epoch yields the same number of batches per
+   worker (`equal=True`, `drop_last`), so the skipped count matches what was trained.
+
+A checkpoint written by a different number of ZeRO workers is converted once to DeepSpeed's universal
+format and loaded with `load_universal` (elastic resume); the data position then maps by samples
+consumed, which keeps the epoch's progress but not the exact batches.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import math
@@ -26,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from jobs.checkpointing import (
@@ -47,6 +61,10 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 PROBE_FILE = "probe.safetensors"
 PIDS_DIR = "pids"
+UNIVERSAL_DIR = "universal"  # DeepSpeed universal conversions of checkpoints, for a new world size
+# Rows (packed blocks) per Ray block of the training split: small enough that a block permutation
+# mixes a small corpus, large enough that a 10B-token corpus stays at ~10^5 Ray blocks.
+ROWS_PER_BLOCK = 64
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -75,6 +93,8 @@ class LoopSpec:
     tokenizer_dir: str | None = None  # copied into every checkpoint so it exports on its own
     config_hash: str = ""
     probe_len: int = 16  # final checkpoint stores logits of a fixed input, to verify export round-trips
+    shuffle: bool = True  # seeded per-epoch shuffle of the training split (see the module docstring)
+    shuffle_blocks: bool = False  # also permute the blocks once: only for materialised data (a barrier)
     extra_meta: dict[str, Any] = field(default_factory=dict)
     # Ray Train's storage when checkpoints live at a URI (s3://...); run_dir then holds only the local
     # artefacts (metrics, exports) and the checkpoints are fetched from here for export.
@@ -102,6 +122,89 @@ def _probe_ids(vocab_size: int, length: int) -> torch.Tensor:
     return (torch.arange(length, dtype=torch.long).unsqueeze(0) * 7 + 3) % vocab_size
 
 
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local-shuffle seed of one worker in one epoch: a pure function, so a restart repeats it."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def shard_batches(
+    shard: Any,
+    batch_size: int,
+    drop_last: bool,
+    seed: int | None = None,
+    buffer_rows: int = 0,
+    device: torch.device | None = None,
+):
+    """Torch batches of one worker's dataset shard, shuffled when `seed` is given.
+
+    The shuffle is Ray Data's local shuffle buffer (`iter_torch_batches(local_shuffle_buffer_size,
+    local_shuffle_seed)`): a seeded permutation of a sliding window of `buffer_rows` rows of this
+    worker's stream. It works the same on streamed and materialised data and needs no barrier; for
+    the same input and seed it yields the same batches, which is what skipping the consumed count
+    on resume relies on.
+    """
+    shuffle: dict[str, Any] = {}
+    if seed is not None:
+        shuffle = {"local_shuffle_buffer_size": buffer_rows, "local_shuffle_seed": seed}
+    return shard.iter_torch_batches(
+        batch_size=batch_size, dtypes=torch.long, drop_last=drop_last, device=device or "cpu", **shuffle
+    )
+
+
+def _unshare_step_counts(optimizer: Any) -> None:
+    """Give every parameter group its own Adam step counter after a universal load.
+
+    DeepSpeed 0.19's ZeRO-3 universal load stores one `step` tensor object in the state of every
+    parameter group; torch's AdamW increments it in place once per group, so with our two groups (decay,
+    no decay) the count would advance twice per step and skew Adam's bias correction (found by
+    tests/train/test_elastic_resume.py: 6 restored + 6 new steps read 18).
+    """
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def to_universal(checkpoint: Path, tag: str, out_root: Path) -> float:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format under `out_root/tag`; returns seconds.
+
+    Reuses a finished conversion (marked by COMPLETE); a half-written one is removed and redone.
+    One process (no worker pools): the conversion runs inside a Ray worker.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    if (out_root / "COMPLETE").is_file():
+        return 0.0
+    shutil.rmtree(out_root, ignore_errors=True)
+    out_root.mkdir(parents=True)
+    start = time.perf_counter()
+    ds_to_universal.main(
+        argparse.Namespace(
+            input_folder=str(checkpoint / tag),
+            output_folder=str(out_root / tag),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+    )
+    (out_root / "COMPLETE").write_text("ok\n")
+    return time.perf_counter() - start
+
+
+@dataclass
+class _Resume:
+    """The checkpoint a worker resumes from, and how it loads it."""
+
+    path: Path | None
+    skipped: list[tuple[str, str]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    universal: bool = False  # written by another world size: load the universal conversion
+    load_dir: Path | None = None
+    convert_s: float = 0.0
+
+
 class _Worker:
     """State of one training worker; methods are the phases of `train_loop_per_worker`."""
 
@@ -126,7 +229,8 @@ class _Worker:
         # Ray already created the process group; DeepSpeed's comm layer must adopt it before zero.Init.
         deepspeed.init_distributed(dist_backend="nccl" if self.cfg.use_gpu else "gloo")
         torch.manual_seed(self.cfg.seed)
-        self.ds_config = deepspeed_config(self.cfg, self.world)
+        self.resume = self._choose_checkpoint()
+        self.ds_config = deepspeed_config(self.cfg, self.world, load_universal=self.resume.universal)
         if self.cfg.zero_stage == 3:
             # zero.Init patches torch.Tensor.__new__; torch._dynamo, which transformers imports lazily,
             # refuses to load under that patch, so it must already be imported.
@@ -161,49 +265,87 @@ class _Worker:
         self._val_batches: list[Batch] | None = None
 
     # -- resume --------------------------------------------------------------------------------------
-    def restore(self) -> str | None:
-        """Load the newest complete checkpoint of this run (fit() clears the stage folder of a fresh run)."""
+    def _choose_checkpoint(self) -> _Resume:
+        """The newest complete checkpoint of this run (fit() clears the stage folder of a fresh run).
+
+        Called before the engine exists: a checkpoint from another world size needs the engine built
+        with `load_universal`, after rank 0 has converted it (the other ranks wait at a barrier).
+        """
         import ray.train
 
         reported = ray.train.get_checkpoint()
         if reported is None:
             chosen = newest_complete(self.spec.out_dir)
-            skipped = skipped_reasons(self.spec.out_dir, chosen)
         else:
             with reported.as_directory() as reported_dir:
                 chosen = newest_complete(self.spec.out_dir, also=reported_dir)
-                skipped = skipped_reasons(self.spec.out_dir, chosen)
-        if chosen is None and not skipped:
+        resume = _Resume(chosen, skipped_reasons(self.spec.out_dir, chosen))
+        if chosen is None:
+            return resume
+        resume.meta = read_meta(chosen)
+        old_world = resume.meta["world_size"]
+        if old_world == self.world or resume.meta["zero_stage"] == 0:
+            return resume  # same shards, or ZeRO-0 (nothing partitioned): a plain load
+        resume.universal = True
+        resume.load_dir = self.spec.out_dir / UNIVERSAL_DIR / chosen.name
+        if self.rank == 0:
+            log.warning(
+                "checkpoint %s was written by %d workers, this run has %d: converting it to DeepSpeed's "
+                "universal checkpoint format (once) and loading that; the data position maps by samples",
+                chosen, old_world, self.world,
+            )
+            resume.convert_s = to_universal(chosen, resume.meta["tag"], resume.load_dir)
+        self.dist.barrier()
+        return resume
+
+    def restore(self) -> str | None:
+        """Load the chosen checkpoint: model, optimizer, scheduler, step, tokens and data position."""
+        resume = self.resume
+        if resume.path is None and not resume.skipped:
             return None  # a fresh run
-        for path, reason in skipped:
+        for path, reason in resume.skipped:
             log.warning("skipping incomplete checkpoint %s: %s", path, reason)
             if self.writer:
                 self.writer.log("checkpoint_skipped", self.step, path=path, reason=reason)
-        if chosen is None:
+        if resume.path is None:
             log.warning("no complete checkpoint under %s; starting from step 0", self.spec.out_dir)
             return None
-        meta = read_meta(chosen)
+        meta = resume.meta
         if self.spec.config_hash and meta.get("config_hash") not in (None, self.spec.config_hash):
-            log.warning("checkpoint %s was written with a different model/data config", chosen)
-        if meta["world_size"] != self.world and self.cfg.zero_stage > 0:
-            raise RuntimeError(
-                f"checkpoint {chosen} was written by {meta['world_size']} workers; ZeRO shards need the same "
-                f"train.num_workers (got {self.world})"
-            )
-        self.engine.load_checkpoint(str(chosen), tag=meta["tag"])
+            log.warning("checkpoint %s was written with a different model/data config", resume.path)
+        self.engine.load_checkpoint(str(resume.load_dir or resume.path), tag=meta["tag"])
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
         self.epoch = meta["data_position"]["epoch"]
         self.micro_in_epoch = meta["data_position"]["micro_batches_in_epoch"]
-        return str(chosen)
+        if resume.universal:
+            _unshare_step_counts(self.engine.optimizer)
+            # Same samples of the epoch consumed; which ones each new worker skips differs (new split).
+            self.micro_in_epoch = self.micro_in_epoch * meta["world_size"] // self.world
+            if self.writer:
+                self.writer.log(
+                    "elastic_resume", self.step, from_world_size=meta["world_size"],
+                    to_world_size=self.world, universal_dir=str(resume.load_dir),
+                    conversion_s=resume.convert_s,
+                )
+        return str(resume.path)
 
     # -- phases ----------------------------------------------------------------------------------------
-    def _batches(self, name: str, drop_last: bool):
+    def _batches(self, name: str, drop_last: bool, epoch: int | None = None):
+        """Micro batches of a dataset shard; given `epoch` (training), in that epoch's shuffled order."""
         import ray.train
 
-        it = ray.train.get_dataset_shard(name).iter_torch_batches(
-            batch_size=self.cfg.micro_batch_size, dtypes=torch.long, drop_last=drop_last, device=self.device
+        seed = None
+        if epoch is not None and self.spec.shuffle:
+            seed = shuffle_seed(self.cfg.seed, epoch, self.rank)
+        batches = shard_batches(
+            ray.train.get_dataset_shard(name),
+            self.cfg.micro_batch_size,
+            drop_last,
+            seed=seed,
+            buffer_rows=self.cfg.shuffle_buffer_blocks,
+            device=self.device,
         )
-        for batch in it:
+        for batch in batches:
             yield {k: batch[k] for k in self.spec.columns}
 
     def _mean(self, value: float) -> float:
@@ -319,7 +461,7 @@ class _Worker:
         own_norm = float("nan")
         while self.step < cfg.max_steps:
             skip, seen_in_epoch = self.micro_in_epoch, 0
-            for batch in self._batches(spec.train_dataset, drop_last=True):
+            for batch in self._batches(spec.train_dataset, drop_last=True, epoch=self.epoch):
                 seen_in_epoch += 1
                 if seen_in_epoch <= skip:
                     continue
@@ -398,6 +540,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- driver
 
 
+def training_order(ds: Any, spec: LoopSpec) -> Any:
+    """The training split as workers must receive it: uniform blocks, permuted if materialised.
+
+    `repartition(target_num_rows_per_block=..., strict=True)` is a streaming operator that re-cuts any
+    upstream block layout into blocks of exactly ROWS_PER_BLOCK rows (the last may be shorter), so the
+    per-worker split no longer depends on how many files, read ranges or CPUs produced the rows.
+    `randomize_block_order(seed)` is Ray Data's block-level shuffle: cheap (it moves references, not
+    rows) but an all-to-all barrier that holds every block, so only data that is already materialised
+    (`spec.shuffle_blocks`) gets it; its fixed seed gives the same permutation on every execution,
+    which the per-epoch local shuffle in the workers then varies.
+    """
+    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK, strict=True)
+    if spec.shuffle and spec.shuffle_blocks:
+        ds = ds.randomize_block_order(seed=spec.train.seed)
+    return ds
+
+
 class RunExistsError(RuntimeError):
     """A fresh run was asked for where checkpoints of an earlier run already exist."""
 
@@ -429,6 +588,7 @@ def fit(spec: LoopSpec, datasets: dict[str, Any], resume: bool = False, progress
     if not resume and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    datasets = {**datasets, spec.train_dataset: training_order(datasets[spec.train_dataset], spec)}
     # Same block order on every (re)start, so skipping the consumed batch count resumes exactly.
     # (Built directly: DataConfig.default_ingest_options() passes the deprecated exclude_resources.)
     ingest = ExecutionOptions(preserve_order=True)

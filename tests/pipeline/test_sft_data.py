@@ -180,7 +180,38 @@ def test_ray_data_transform_produces_training_columns(ray_cluster, tokenizer_dir
         for i in range(40)
     ]
     rows = sft_dataset(records, str(tokenizer_dir), seq_len=48, packing=True, batch_records=16).take_all()
-    assert rows and set(rows[0]) == {"input_ids", "labels", "attention_mask"}
+    assert rows and set(rows[0]) == {"input_ids", "labels", "attention_mask", "position_ids"}
     assert all(len(r["input_ids"]) == 48 for r in rows)
     expected = sum(len(encode_chat(tokenizer, r["messages"])[0]) for r in records)
     assert sum(int(np.sum(r["attention_mask"])) for r in rows) == expected
+
+
+def test_packed_example_logits_equal_its_logits_alone(tiny_llama_dir, tokenizer):
+    """Inside a packed row each example attends only to itself, at positions from 0: its logits match
+    a forward pass of that example alone (fp32 on CPU; 1e-5 absorbs the different matmul shapes).
+    The old packing (one all-ones mask, continuous positions) is checked to differ, so this can fail."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs.finetune import sft_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    records = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("Where is my order?", "Track it."), ("Can I get a refund?", "Yes, in thirty days."),
+                     ("Reset my password?", "Open settings.")]
+    ]
+    examples = [encode_chat(tokenizer, r["messages"])[0] for r in records]
+    seq_len = sum(map(len, examples)) + 5  # all three in one row, plus a padding tail
+    rows = encode_causal(tokenizer, records, seq_len, packing=True)
+    assert rows["input_ids"].shape == (1, seq_len)
+    starts = np.cumsum([0] + [len(e) for e in examples])
+    assert rows["position_ids"][0].tolist() == [p for e in examples for p in range(len(e))] + list(range(5))
+    batch = {k: torch.tensor(v) for k, v in rows.items()}
+    with torch.no_grad():
+        packed = sft_logits(model, batch)[0]
+        naive = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
+        for ids, start in zip(examples, starts, strict=False):
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(packed[start : start + len(ids)], alone, rtol=0, atol=1e-5)
+            if start > 0:  # the old packing lets later examples see earlier ones
+                assert (naive[start : start + len(ids)] - alone).abs().max() > 1e-3
