@@ -39,16 +39,32 @@ class JobNotFound(JobsError):
 
 def dashboard_address(address: str | None = None, default: str | None = None) -> str:
     """The Jobs API URL: explicit --address, else $RAY_API_SERVER_ADDRESS, else an http(s) $RAY_ADDRESS
-    (as Ray's own job CLI accepts), else `default`, else localhost.
+    (as Ray's own job CLI accepts), else `default`, else the running cluster `raylm cluster up`
+    recorded, else localhost.
 
     A bare host:port gets `http://`, since the dashboard only speaks HTTP(S).
     """
     ray_address = os.environ.get(RAY_ADDRESS_ENV, "")
     http_ray_address = ray_address if ray_address.startswith(("http://", "https://")) else None
-    chosen = address or os.environ.get(ADDRESS_ENV) or http_ray_address or default or DEFAULT_DASHBOARD
+    chosen = (
+        address
+        or os.environ.get(ADDRESS_ENV)
+        or http_ray_address
+        or default
+        or _recorded_cluster()
+        or DEFAULT_DASHBOARD
+    )
     if "://" not in chosen:
         chosen = f"http://{chosen}"
     return chosen.rstrip("/")
+
+
+def _recorded_cluster() -> str | None:
+    """The dashboard of the local cluster `raylm cluster up` started, while it runs."""
+    from cluster.local_cluster import LocalCluster, state_file
+
+    cluster = LocalCluster.load(state_file())
+    return cluster.dashboard_url if cluster is not None and cluster.is_up() else None
 
 
 @contextmanager

@@ -27,7 +27,10 @@ def ensure_ray(cfg: ClusterConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        from cluster.auth import ray_auth_errors
+
+        with ray_auth_errors(address):
+            ray.init(address=address, log_to_driver=True)
         log.info("joined Ray at %s", address)
         return
     ray.init(num_cpus=cfg.local_num_cpus or default_local_cpus(), include_dashboard=False)

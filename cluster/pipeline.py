@@ -437,12 +437,14 @@ def run_pipeline(
 ) -> PipelineResult:
     """Every stage, the gate, the deploy and the smoke requests; the report is written in any case."""
     from cluster.local_ray import ensure_ray
+    from cluster.preflight import preflight_pipeline
     from cluster.report import write_report
 
     console = console or Console()
     started = time.perf_counter()
     cfg = with_absolute_storage(cfg)
     ensure_ray(cfg.cluster)
+    preflight_pipeline(cfg, console)  # a run the cluster can never hold fails before the first stage
     quiet_data_progress()
     pipeline = Pipeline(cfg, stages if stages is not None else default_stages(), console)
     result = PipelineResult(pipeline.outcomes)

@@ -30,7 +30,8 @@ AddressOpt = Annotated[
         "--address",
         "-a",
         help="Ray dashboard (Jobs API) URL, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, "
-        "then cluster.dashboard_address (submit) or http://127.0.0.1:8265",
+        "then cluster.dashboard_address (submit), then the cluster of `raylm cluster up`, "
+        "then http://127.0.0.1:8265",
     ),
 ]
 JobIdArg = Annotated[str, typer.Argument(help="submission id (see `raylm jobs list`)", show_default=False)]
