@@ -135,3 +135,12 @@ def ray_auth_errors(address: str) -> Iterator[None]:
         yield
     except AuthenticationError as exc:
         raise AuthError(explain_rejection(address, str(exc), token)) from None
+    except ConnectionError as exc:
+        # A rejected token surfaces only in C++ log lines; Python sees a bare "Failed to connect".
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed to connect"
+        used = f"the auth token from {token.origin}" if token else "no auth token"
+        raise AuthError(
+            f"could not join the Ray cluster at {address} ({first}). If the address is right, the cluster "
+            f"refused {used}: set {TOKEN_ENV} to the cluster's token, or copy the head node's "
+            f"{DEFAULT_TOKEN_FILE} to this machine."
+        ) from None

@@ -138,6 +138,19 @@ class JobsClient:
         """The underlying Ray client, for calls this wrapper does not cover."""
         return self._client
 
+    def node_resources(self) -> list[dict[str, float]]:
+        """Total resources of each alive node, from the dashboard's State API (no Ray connection)."""
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        headers = {"Content-Type": "application/json", **(self._token.headers() if self._token else {})}
+        with self._errors(), given_address_only():
+            client = StateApiClient(address=self.address, headers=headers)
+            nodes = client.list(
+                StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False
+            )
+        return [dict(n.resources_total or {}) for n in nodes if n.state == "ALIVE"]
+
     def submit(self, **kwargs) -> str:
         """`JobSubmissionClient.submit_job` with error translation; returns the submission id."""
         with self._errors():

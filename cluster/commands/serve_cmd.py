@@ -51,6 +51,17 @@ def last_error_line(message: str) -> str:
     return lines[0] if lines else "unknown error"
 
 
+def replica_error(app_name: str) -> str | None:
+    """The last error of a failed deployment of the app (Serve keeps the replica's traceback there)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    for deployment in (app.deployments.values() if app else []):
+        if deployment.status in ("DEPLOY_FAILED", "UNHEALTHY") and deployment.message:
+            return last_error_line(deployment.message)
+    return None
+
+
 def serve_command(target: Target, set_: SetOpt = None) -> None:
     """Serve MODEL_DIR (or the model of run.yaml) at /v1/completions, /v1/chat/completions, /v1/models."""
     cfg, folder = resolve(target, set_)
@@ -68,6 +79,9 @@ def serve_command(target: Target, set_: SetOpt = None) -> None:
     except ValueError as exc:
         fail(str(exc))
     embedded = not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    # Serve's controller and replicas log to files (`<session>/logs/serve`); on stderr, streamed here,
+    # a failing replica would print its traceback once per retry. Applies to an embedded Ray only.
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     ensure_ray(cfg.cluster)
     preflight(cfg, "serve", console)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
@@ -75,11 +89,12 @@ def serve_command(target: Target, set_: SetOpt = None) -> None:
         try:
             serve.run(app, name=APP_NAME, route_prefix=cfg.serve.route_prefix)
         except RuntimeError as exc:  # Serve gave up on the app after its replicas failed to start
+            reason = replica_error(APP_NAME) or last_error_line(str(exc))
             serve.delete(APP_NAME)
             if embedded:
                 serve.shutdown()
                 ray.shutdown()
-            fail(f"the model replicas failed to start: {last_error_line(str(exc))}", code=1)
+            fail(f"the model replicas failed to start: {reason}", code=1)
     http = serve.context._get_global_client().http_config  # the proxy that runs, if Serve was already up
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     base = f"http://{host}:{http.port}{cfg.serve.route_prefix.rstrip('/')}"

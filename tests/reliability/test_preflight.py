@@ -207,3 +207,16 @@ def test_replica_that_fails_at_runtime_ends_serve_with_its_error(
     line = assert_one_line_failure(res, 1, "the model replicas failed to start")
     assert "size mismatch" in line or "Error" in line, line
     assert not leftover_ray_processes(ray_tmp)
+
+
+def test_submit_refuses_a_job_the_cluster_cannot_hold_before_uploading(ray_cluster) -> None:
+    from cluster.jobs_client import JobsClient
+
+    before = {j.submission_id for j in JobsClient(ray_cluster.dashboard_url).list()}
+    res = raylm(
+        "submit", "train", str(TINY_TRAIN), "--address", ray_cluster.dashboard_url,
+        "--set", "train.num_workers=64", "--set", "train.cpus_per_worker=1",
+        join=True,
+    )  # fmt: skip
+    assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}", "the cluster has 1 node(s) (8 CPU")
+    assert {j.submission_id for j in JobsClient(ray_cluster.dashboard_url).list()} == before
