@@ -10,8 +10,13 @@ from lets a rejected request say which token was wrong instead of printing a sta
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from cluster.config import UserError
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
@@ -19,7 +24,7 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 
 
-class AuthError(Exception):
+class AuthError(UserError):
     """The cluster refused our token, or the configured token cannot be read; `str()` says how to fix it."""
 
 
@@ -99,3 +104,51 @@ def explain_rejection(address: str, status_message: str, token: Token | None) ->
         f"{what}{detail}. Set {TOKEN_ENV} to the cluster's token, or copy the head node's "
         f"{DEFAULT_TOKEN_FILE} to this machine."
     )
+
+
+def ensure_local_token() -> tuple[Token, Path | None]:
+    """The token a cluster started on this host will use; created first when there is none anywhere.
+
+    `ray start --head` with token auth on refuses to start without a token. The new token goes where
+    Ray's own `AuthenticationTokenLoader` looks: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token, owner-only
+    (it grants running arbitrary code on the cluster). Returns the token and the file it was written
+    to, or None when an existing token was found.
+    """
+    found = find_token()
+    if found is not None:
+        return found, None
+    path = Path(os.environ.get(TOKEN_PATH_ENV, "").strip() or DEFAULT_TOKEN_FILE).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes: 256 random bits
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return Token(value, f"new token file {path}"), path
+
+
+@contextmanager
+def ray_auth_errors(address: str) -> Iterator[None]:
+    """While joining the Ray cluster at `address`, turn its authentication failures into one AuthError.
+
+    With no token anywhere the join is refused before Ray is called (unless RAY_AUTH_MODE=disabled):
+    Ray would otherwise retry for a while, print a C++ warning per attempt and end with a bare
+    "Failed to connect". A rejected token names where it came from.
+    """
+    from ray.exceptions import AuthenticationError
+
+    token = find_token()
+    if token is None and os.environ.get(AUTH_MODE_ENV, "").lower() != "disabled":
+        raise AuthError(explain_rejection(address, "", None))
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise AuthError(explain_rejection(address, str(exc), token)) from None
+    except ConnectionError as exc:
+        # A rejected token surfaces only in C++ log lines; Python sees a bare "Failed to connect".
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed to connect"
+        used = f"the auth token from {token.origin}" if token else "no auth token"
+        raise AuthError(
+            f"could not join the Ray cluster at {address} ({first}). If the address is right, the cluster "
+            f"refused {used}: set {TOKEN_ENV} to the cluster's token, or copy the head node's "
+            f"{DEFAULT_TOKEN_FILE} to this machine."
+        ) from None

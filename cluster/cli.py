@@ -27,7 +27,13 @@ for _info in sorted(pkgutil.iter_modules(cluster.commands.__path__), key=lambda 
 
 
 def main() -> None:
-    app()
+    from cluster.commands._common import exit_on_user_error
+    from cluster.config import UserError
+
+    try:
+        app()
+    except UserError as exc:  # auth, capacity, model-folder problems found below a command
+        exit_on_user_error(exc)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,11 @@ class ClusterConfig(BaseModel):
     address: str | None = Field(
         None, description="Ray address to join (ray://, host:port, auto); None = embedded local Ray"
     )
-    dashboard_address: str = Field("http://127.0.0.1:8265", description="Ray Jobs API address for submit")
+    dashboard_address: str | None = Field(
+        None,
+        description="Ray Jobs API address for submit (default: the cluster `raylm cluster up` started, "
+        "else http://127.0.0.1:8265)",
+    )
     local_num_cpus: int | None = Field(
         None, ge=1, description="logical CPUs of the embedded Ray (default: 2x cores, so Data and Train fit)"
     )
@@ -46,6 +50,20 @@ class ClusterConfig(BaseModel):
     )
     entrypoint_num_cpus: float = Field(0, ge=0)
     entrypoint_num_gpus: float = Field(0, ge=0)
+    autoscaler: bool = Field(
+        False,
+        description="the cluster adds nodes on demand (KubeRay autoscaling): wait for resources up to "
+        "resource_wait_timeout_s instead of failing at once",
+    )
+    resource_wait_timeout_s: float = Field(
+        600, gt=0, description="with an autoscaler: how long to wait for nodes before giving up"
+    )
+    node_memory_gb: float | None = Field(
+        None, gt=0, description="memory a run may use per node (default: what Ray reports per node)"
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one GPU, to refuse training runs that cannot fit one"
+    )
 
 
 class RunConfig(BaseModel):
@@ -81,6 +99,14 @@ class RunConfig(BaseModel):
 
 class ConfigError(Exception):
     """A configuration problem a user can fix; `str()` is a readable multi-line message."""
+
+
+class UserError(Exception):
+    """A problem the user can fix, found while reaching Ray or checking inputs: one line, exit code 2.
+
+    `raylm`'s entry point prints any that escapes a command as `error: <message>` (no traceback), so
+    the checks deep below a command (auth, capacity, model folders) need no handler in each command.
+    """
 
 
 def _allowed(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:

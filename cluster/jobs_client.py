@@ -39,16 +39,32 @@ class JobNotFound(JobsError):
 
 def dashboard_address(address: str | None = None, default: str | None = None) -> str:
     """The Jobs API URL: explicit --address, else $RAY_API_SERVER_ADDRESS, else an http(s) $RAY_ADDRESS
-    (as Ray's own job CLI accepts), else `default`, else localhost.
+    (as Ray's own job CLI accepts), else `default`, else the running cluster `raylm cluster up`
+    recorded, else localhost.
 
     A bare host:port gets `http://`, since the dashboard only speaks HTTP(S).
     """
     ray_address = os.environ.get(RAY_ADDRESS_ENV, "")
     http_ray_address = ray_address if ray_address.startswith(("http://", "https://")) else None
-    chosen = address or os.environ.get(ADDRESS_ENV) or http_ray_address or default or DEFAULT_DASHBOARD
+    chosen = (
+        address
+        or os.environ.get(ADDRESS_ENV)
+        or http_ray_address
+        or default
+        or _recorded_cluster()
+        or DEFAULT_DASHBOARD
+    )
     if "://" not in chosen:
         chosen = f"http://{chosen}"
     return chosen.rstrip("/")
+
+
+def _recorded_cluster() -> str | None:
+    """The dashboard of the local cluster `raylm cluster up` started, while it runs."""
+    from cluster.local_cluster import LocalCluster, state_file
+
+    cluster = LocalCluster.load(state_file())
+    return cluster.dashboard_url if cluster is not None and cluster.is_up() else None
 
 
 @contextmanager
@@ -121,6 +137,19 @@ class JobsClient:
     def sdk(self) -> JobSubmissionClient:
         """The underlying Ray client, for calls this wrapper does not cover."""
         return self._client
+
+    def node_resources(self) -> list[dict[str, float]]:
+        """Total resources of each alive node, from the dashboard's State API (no Ray connection)."""
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        headers = {"Content-Type": "application/json", **(self._token.headers() if self._token else {})}
+        with self._errors(), given_address_only():
+            client = StateApiClient(address=self.address, headers=headers)
+            nodes = client.list(
+                StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False
+            )
+        return [dict(n.resources_total or {}) for n in nodes if n.state == "ALIVE"]
 
     def submit(self, **kwargs) -> str:
         """`JobSubmissionClient.submit_job` with error translation; returns the submission id."""

@@ -3,6 +3,14 @@
 Used by `raylm cluster up|down|status` for development and by the test suite. Every process is found
 through the cluster's own temp dir, so `down` stops exactly this cluster's processes and nothing else
 (never `ray stop`, which kills every Ray process on the machine).
+
+Each extra raylet gets its own temp dir below the head's. Ray's runtime-env agent unpacks a job's
+`working_dir` into `<temp dir>/<session>/runtime_resources/working_dir_files/<package>` and, when a
+worker of that job first starts on its node, deletes and re-unpacks that folder
+(`download_and_unpack_package(..., overwrite=True)`). Sharing the head's temp dir, the raylets would
+all write the same path on one host, so a train worker starting on a second node deleted the folder
+the job driver was running in (`FileNotFoundError` from `os.getcwd()`). On real hosts every node has
+its own disk, which per-node temp dirs reproduce.
 """
 
 from __future__ import annotations
@@ -46,6 +54,23 @@ def _ray_bin() -> str:
     return str(found) if found.exists() else (shutil.which("ray") or "ray")
 
 
+def node_env(address: str) -> dict[str, str]:
+    """Environment of the Ray processes we start for the cluster at `address`.
+
+    - token auth on;
+    - `python` is this interpreter: job entrypoints are shell commands (`python -m jobs.pretrain`) run
+      with the raylets' PATH, so this interpreter's bin dir goes first, whether or not the user
+      activated the virtualenv;
+    - RAY_ADDRESS is this cluster: processes Ray starts inherit it, and some of Ray's own (Ray Train's
+      PlacementGroupCleaner) call `ray.init()` with no address, which fails with "Found multiple
+      active Ray instances" when other clusters run on the host.
+    """
+    env = {**os.environ, **AUTH_ENV, "RAY_ADDRESS": address}
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p)])
+    return env
+
+
 @dataclass
 class LocalCluster:
     """Handle on a head and its extra nodes; serialisable so another process can stop it."""
@@ -69,8 +94,12 @@ class LocalCluster:
         """Start a head node on free ports (so several clusters can coexist on one host).
 
         Ray gives a new raylet a fixed 30 s to register with the GCS; on an overloaded host that window
-        can pass, so that one failure is retried (the half-started head is stopped first).
+        can pass, so that one failure is retried (the half-started head is stopped first). A token is
+        created first when there is none, since a head with token auth on refuses to start without.
         """
+        from cluster.auth import ensure_local_token
+
+        ensure_local_token()
         for _ in range(_START_ATTEMPTS - 1):
             try:
                 return cls._start_once(num_cpus, dashboard, resources)
@@ -121,13 +150,14 @@ class LocalCluster:
     def add_node(self, num_cpus: int = 2, resources: dict | None = None, name: str | None = None) -> dict:
         """Start one more raylet joined to the head: a separate node with its own object store."""
         before = {p.pid for p in self._processes()}
+        # Its own temp dir (see the module docstring); under the head's, so `down` finds and removes it.
+        node_temp = tempfile.mkdtemp(prefix="n", dir=self.temp_dir)
         cmd = [
             _ray_bin(), "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
-            *self._port_flags(), "--disable-usage-stats",
+            f"--temp-dir={node_temp}", *self._port_flags(), "--disable-usage-stats",
         ]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
-        # Extra nodes inherit the head's temp dir from the GCS; the marker env var lets us find them.
         for attempt in range(1, _START_ATTEMPTS + 1):
             try:
                 self._run(cmd)
@@ -192,8 +222,7 @@ class LocalCluster:
         return found
 
     def _run(self, cmd: list[str]) -> None:
-        env = {**os.environ, **AUTH_ENV}
-        env.pop("RAY_ADDRESS", None)
+        env = node_env(self.address)
         # Ray waits 60 s for the dashboard by default; a loaded 2-core host can need longer.
         env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

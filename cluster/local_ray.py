@@ -36,7 +36,10 @@ def ensure_ray(cfg: ClusterConfig, log_to_driver: bool = True) -> None:
     runtime_env = {"env_vars": env} if env else None
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        from cluster.auth import ray_auth_errors
+
+        with ray_auth_errors(address):
+            ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         log.info("joined Ray at %s", address)
         return
     ray.init(

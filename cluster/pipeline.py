@@ -526,6 +526,7 @@ def run_pipeline(
     import ray
 
     from cluster.local_ray import ensure_ray
+    from cluster.preflight import preflight_pipeline
     from cluster.report import write_report
 
     console = console or Console()
@@ -533,6 +534,7 @@ def run_pipeline(
     cfg = with_absolute_storage(cfg)
     embedded = not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(cfg.cluster)
+    preflight_pipeline(cfg, console)  # a run the cluster can never hold fails before the first stage
     quiet_data_progress()
     pipeline = Pipeline(cfg, stages if stages is not None else default_stages(), console)
     result = PipelineResult(pipeline.outcomes, embedded=embedded, invocation=invocation or Invocation())

@@ -50,6 +50,7 @@ PACKAGE_EXCLUDES = [
     ".ruff_cache",
     ".mypy_cache",
     f"/{CONFIG_IN_PACKAGE}",
+    "/third_party/kuberay",  # 3.4 MB of CRDs for the k8s tests; no job reads them (the corpus stays)
 ]
 # Far below Ray's 512 MiB GCS limit: a package this big means a data or model folder slipped in.
 MAX_PACKAGE_BYTES = 100 * 1024 * 1024

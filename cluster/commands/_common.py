@@ -7,8 +7,9 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from cluster.config import ConfigError, RunConfig, load_config
+from cluster.config import ConfigError, RunConfig, UserError, load_config
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,3 +33,9 @@ def load_or_exit(path: Path | None, overrides: list[str] | None) -> RunConfig:
         return load_config(path, overrides)
     except ConfigError as exc:
         fail(str(exc).replace("[", r"\["))
+
+
+def exit_on_user_error(exc: UserError) -> NoReturn:
+    """What `raylm` does with a UserError that escaped a command: one red line, exit code 2."""
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    raise SystemExit(2)

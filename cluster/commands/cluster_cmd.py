@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cluster.auth import AuthError, client_token, explain_rejection
+from cluster.auth import AuthError, client_token, ensure_local_token, explain_rejection
 from cluster.commands._common import console, fail
 from cluster.jobs_client import given_address_only
 from cluster.local_cluster import LocalCluster, state_file
@@ -29,6 +29,12 @@ def _load_running() -> LocalCluster:
     return cluster
 
 
+def _last_line(exc: Exception) -> str:
+    """The first line of a failed `ray start` plus the last line of its output, where Ray says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} {lines[-1]}"
+
+
 @cluster_app.command("up")
 def up(
     nodes: Annotated[
@@ -42,8 +48,17 @@ def up(
     previous = LocalCluster.load(state_file())
     if previous is not None and previous.is_up():
         fail(f"a cluster is already up (dashboard {previous.dashboard_url}); run `raylm cluster down` first")
-    with console.status(f"starting head node ({cpus_per_node} CPUs)"):
-        cluster = LocalCluster.start(num_cpus=cpus_per_node, dashboard=True)
+    _, created = ensure_local_token()
+    if created is not None:
+        console.print(
+            f"created a Ray auth token in {created} (mode 600): the cluster's nodes and clients use it",
+            highlight=False,
+        )
+    try:
+        with console.status(f"starting head node ({cpus_per_node} CPUs)"):
+            cluster = LocalCluster.start(num_cpus=cpus_per_node, dashboard=True)
+    except RuntimeError as exc:
+        fail(f"starting the head node failed: {_last_line(exc)}")
     cluster.save(state_file())  # saved before the raylets, so a failure below can still be cleaned up
     try:
         for i in range(1, nodes):
@@ -53,7 +68,7 @@ def up(
     except RuntimeError as exc:
         cluster.down()
         state_file().unlink(missing_ok=True)
-        fail(f"starting node failed, cluster stopped: {exc}")
+        fail(f"starting node failed, cluster stopped: {_last_line(exc)}")
     console.print(
         f"[green]cluster up[/]: {nodes} node(s) x {cpus_per_node} CPUs, token auth on\n"
         f"  Ray address  {cluster.address}   (export RAY_ADDRESS={cluster.address})\n"

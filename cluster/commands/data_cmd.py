@@ -30,6 +30,7 @@ def prepare_cmd(
     from ray.data import DataContext
 
     from cluster.local_ray import ensure_ray
+    from cluster.preflight import preflight
     from data_pipelines.pipeline import DataPipelineError, current_manifest, prepare, shards_dir_of
     from data_pipelines.readers import CorpusNotFoundError, list_inputs
     from data_pipelines.stats import CorpusStats
@@ -40,6 +41,7 @@ def prepare_cmd(
         except CorpusNotFoundError as exc:
             fail(str(exc))
     ensure_ray(cfg.cluster)
+    preflight(cfg, "data", console)
     DataContext.get_current().enable_progress_bars = False  # the rich display below replaces them
     seq_len = cfg.data.seq_len
     started = time.monotonic()

@@ -28,6 +28,7 @@ from cluster.kuberay import (
     Status,
     WaitTimeoutError,
 )
+from cluster.model_folder import check_local_model_folder
 from cluster.stages import STAGE_MODULES
 from cluster.tools.install_helm import ToolInstallError
 
@@ -86,6 +87,8 @@ def render_cmd(
 ) -> None:
     """Print the Kubernetes manifests for FILE in MODE, rendered by the raylm Helm chart."""
     cfg = load_or_exit(config, set_)
+    if mode is ModeChoice.service:  # a broken local model folder fails here, not in the RayService
+        check_local_model_folder(cfg.serve.model_path)
     manifests = _render(cfg, mode.value, stage)
     if output:
         output.write_text(manifests, encoding="utf-8")

@@ -158,7 +158,10 @@ def finetune(config: ConfigArg, set_: SetOpt = None, resume: bool = typer.Option
     run from its newest complete checkpoint.
     """
     cfg = load_or_exit(config, set_)
+    from cluster.preflight import join_and_check
     from jobs.finetune import run
+
+    join_and_check(cfg, "finetune", console)
 
     try:
         out = run(cfg, resume=resume)
@@ -173,7 +176,12 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
     Writes <run>/eval/results.json and results.md.
     """
     cfg = load_or_exit(config, set_)
+    from cluster.model_folder import check_run_exports
+    from cluster.preflight import join_and_check
     from jobs.evaluate import results_markdown, run
+
+    check_run_exports(cfg.run_dir())  # a broken export fails in one line before Ray starts
+    join_and_check(cfg, "eval", console)
 
     try:
         results = run(cfg)

@@ -21,6 +21,7 @@ from rich.table import Table
 from cluster.auth import AuthError
 from cluster.commands._common import ConfigArg, SetOpt, console, err_console, fail, load_or_exit
 from cluster.jobs_client import JobOutcome, JobsClient, JobsError
+from cluster.preflight import PreflightError, check_fits
 from cluster.stages import STAGE_MODULES
 from cluster.submit import SubmitError, submit
 
@@ -30,7 +31,8 @@ AddressOpt = Annotated[
         "--address",
         "-a",
         help="Ray dashboard (Jobs API) URL, e.g. http://HEAD:8265; default: $RAY_API_SERVER_ADDRESS, "
-        "then cluster.dashboard_address (submit) or http://127.0.0.1:8265",
+        "then cluster.dashboard_address (submit), then the cluster of `raylm cluster up`, "
+        "then http://127.0.0.1:8265",
     ),
 ]
 JobIdArg = Annotated[str, typer.Argument(help="submission id (see `raylm jobs list`)", show_default=False)]
@@ -42,6 +44,9 @@ _STATUS_STYLE = {
     JobStatus.FAILED: "red",
     JobStatus.STOPPED: "magenta",
 }
+
+# Stages whose job asks Ray for resources (export runs in the driver alone).
+CAPACITY_STAGES = ("data", "train", "finetune", "eval")
 
 jobs_app = typer.Typer(
     help="List, inspect, tail and stop jobs on a Ray cluster (Ray Jobs API).", no_args_is_help=True
@@ -55,7 +60,7 @@ def _user_errors() -> Iterator[None]:
     logging.getLogger("ray.dashboard").setLevel(logging.WARNING)
     try:
         yield
-    except (AuthError, JobsError, SubmitError) as exc:
+    except (AuthError, JobsError, SubmitError, PreflightError) as exc:
         fail(str(exc).replace("[", r"\["))
 
 
@@ -115,6 +120,8 @@ def submit_command(
     cfg = load_or_exit(config, set_)
     with _user_errors():
         client = JobsClient(address, cfg.cluster.auth_token_file, default=cfg.cluster.dashboard_address)
+        if stage in CAPACITY_STAGES and not cfg.cluster.autoscaler:  # never hold a job that cannot start
+            check_fits(cfg, stage, client.node_resources())
         sub = submit(cfg, stage=stage, client=client, rerun=rerun, resume=resume)
         verb = "already submitted" if sub.reused else "submitted"
         console.print(

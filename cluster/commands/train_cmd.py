@@ -22,8 +22,13 @@ def train(
     Without --resume a run whose folder already holds checkpoints is refused, so nothing is overwritten.
     """
     cfg = load_or_exit(config, set_)
+    from cluster.local_ray import ensure_ray
+    from cluster.preflight import preflight
     from jobs.pretrain import run
     from jobs.train_loop import RunExistsError
+
+    ensure_ray(cfg.cluster)
+    preflight(cfg, "train", console)  # a run the cluster can never hold fails here, not after a hang
 
     try:
         result = run(cfg, resume=resume)

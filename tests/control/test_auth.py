@@ -77,3 +77,19 @@ def test_submit_with_wrong_token_fails_before_uploading(cli, dashboard, tmp_path
     res = cli("submit", "data", str(cfg), "--address", dashboard, env={TOKEN_ENV: "wrong"})
     assert res.returncode == 2
     assert "rejected the auth token" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_joining_ray_without_or_with_a_wrong_token_is_one_line(cli, ray_cluster, tmp_path: Path) -> None:
+    """Commands joining a cluster with `ray.init` (train, data, serve, eval) say what to do, no traceback."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"cluster:\n  run_name: authjoin\n  storage_path: {tmp_path}\n")
+    no_token = {TOKEN_ENV: None, TOKEN_PATH_ENV: None, "HOME": str(tmp_path)}
+    no_token["RAY_ADDRESS"] = ray_cluster.address
+    missing = cli("data", "prepare", str(cfg), env={**no_token, "RAY_AUTH_MODE": None}, timeout=120)
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert "needs an auth token, but none was found" in missing.stderr and "Traceback" not in missing.stderr
+
+    wrong = cli("data", "prepare", str(cfg), env={**no_token, TOKEN_ENV: "wrong"}, timeout=120)
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert "refused the auth token from environment variable RAY_AUTH_TOKEN" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

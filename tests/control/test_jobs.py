@@ -109,12 +109,15 @@ def test_unknown_job_and_unreachable_dashboard_are_clear_errors(cli, dashboard: 
     assert "Traceback" not in unknown.stderr + down.stderr
 
 
-def test_dashboard_address_precedence(monkeypatch) -> None:
+def test_dashboard_address_precedence(monkeypatch, ray_cluster, tmp_path: Path) -> None:
     from cluster.jobs_client import ADDRESS_ENV, dashboard_address
 
     monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    monkeypatch.setenv("RAYLM_STATE_DIR", str(tmp_path))  # no cluster recorded by `raylm cluster up`
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not a dashboard URL
     assert dashboard_address(None) == "http://127.0.0.1:8265"
+    ray_cluster.save(tmp_path / "local-cluster.json")  # now one is recorded, and running
+    assert dashboard_address(None) == ray_cluster.dashboard_url
     assert dashboard_address(None, default="http://cfg:8265") == "http://cfg:8265"
     monkeypatch.setenv("RAY_ADDRESS", "http://ray-address:8265")
     assert dashboard_address(None, default="http://cfg:8265") == "http://ray-address:8265"
