@@ -75,14 +75,12 @@ def stage_demand(cfg: RunConfig, stage: str) -> Demand:
         replica = {"CPU": s.num_cpus_per_replica} | (
             {"GPU": s.num_gpus_per_replica} if s.num_gpus_per_replica else {}
         )
-        ingress = [{"CPU": s.ingress_num_cpus}] * s.ingress_replicas if s.ingress_num_cpus else []
+        # The OpenAI routes live on the model replicas (one deployment): nothing else to place.
         return Demand(
             stage,
             [replica] * max(1, s.min_replicas),
             "SPREAD",
             "serve.min_replicas, serve.num_cpus_per_replica, serve.num_gpus_per_replica",
-            ingress,
-            "for the ingress",
         )
     # data and eval run Ray Data tasks / one evaluation task of one CPU each.
     return Demand(stage, [{"CPU": 1.0}], "PACK", "cluster.local_num_cpus or the cluster's nodes")
