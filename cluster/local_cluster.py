@@ -43,10 +43,27 @@ def state_file() -> Path:
     return Path(os.environ.get("RAYLM_STATE_DIR", Path.home() / ".raylm")) / "local-cluster.json"
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are chosen, since the OS may hand a
+    port it just released to the very next bind (a head once got one port for two of its components)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+_AGENT_PORT_FLAGS = (
+    "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port",
+)
+# Failures of `ray start` worth one more try: the raylet's fixed 30 s registration window on a loaded
+# host, and a chosen port taken by another process between choosing it and binding it.
+_RETRYABLE_START_ERRORS = ("timed out during startup", "is used by other components", "already in use")
 
 
 def _ray_bin() -> str:
@@ -104,7 +121,7 @@ class LocalCluster:
             try:
                 return cls._start_once(num_cpus, dashboard, resources)
             except RuntimeError as exc:
-                if "timed out during startup" not in str(exc):
+                if not any(reason in str(exc) for reason in _RETRYABLE_START_ERRORS):
                     raise
         return cls._start_once(num_cpus, dashboard, resources)
 
@@ -112,7 +129,8 @@ class LocalCluster:
     def _start_once(cls, num_cpus: int, dashboard: bool, resources: dict | None) -> LocalCluster:
         # Unix socket paths are limited to ~107 bytes: keep the temp dir short.
         temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")
-        cluster = cls(temp_dir=temp_dir, gcs_port=free_port(), dashboard_port=free_port())
+        gcs_port, dashboard_port, *agent_ports = free_ports(2 + len(_AGENT_PORT_FLAGS))
+        cluster = cls(temp_dir=temp_dir, gcs_port=gcs_port, dashboard_port=dashboard_port)
         cmd = [
             _ray_bin(), "start", "--head",
             f"--port={cluster.gcs_port}",
@@ -121,7 +139,7 @@ class LocalCluster:
             f"--include-dashboard={'true' if dashboard else 'false'}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={cluster.dashboard_port}",
-            *cls._port_flags(),
+            *cls._port_flags(agent_ports),
             "--disable-usage-stats",
         ]
         if resources:
@@ -135,17 +153,9 @@ class LocalCluster:
         return cluster
 
     @staticmethod
-    def _port_flags() -> list[str]:
+    def _port_flags(ports: list[int]) -> list[str]:
         # Fixed defaults (10001, 52365, ...) would collide between clusters on one host.
-        return [
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-        ]
+        return [f"{flag}={port}" for flag, port in zip(_AGENT_PORT_FLAGS, ports, strict=True)]
 
     def add_node(self, num_cpus: int = 2, resources: dict | None = None, name: str | None = None) -> dict:
         """Start one more raylet joined to the head: a separate node with its own object store."""
@@ -154,7 +164,8 @@ class LocalCluster:
         node_temp = tempfile.mkdtemp(prefix="n", dir=self.temp_dir)
         cmd = [
             _ray_bin(), "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
-            f"--temp-dir={node_temp}", *self._port_flags(), "--disable-usage-stats",
+            f"--temp-dir={node_temp}", *self._port_flags(free_ports(len(_AGENT_PORT_FLAGS))),
+            "--disable-usage-stats",
         ]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
