@@ -76,3 +76,16 @@ def ray_cluster():
 def shakespeare() -> Path:
     assert SHAKESPEARE.is_file(), f"missing test corpus {SHAKESPEARE}"
     return SHAKESPEARE
+
+
+@pytest.fixture
+def shakespeare_parts(tmp_path: Path, shakespeare: Path) -> Path:
+    """The first ~60 kB of tinyshakespeare cut into 4 files, so batches and blocks cross file borders."""
+    text = shakespeare.read_text(encoding="utf-8")[:60_000]
+    paragraphs = text.split("\n\n")
+    out = tmp_path / "shakespeare"
+    out.mkdir()
+    per = len(paragraphs) // 4 + 1
+    for i in range(4):
+        (out / f"part{i}.txt").write_text("\n\n".join(paragraphs[i * per : (i + 1) * per]), encoding="utf-8")
+    return out

@@ -83,15 +83,3 @@ def s3(s3_server, monkeypatch) -> S3:
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     return s3_server
-
-
-@pytest.fixture
-def corpus_parts(tmp_path: Path, shakespeare: Path) -> Path:
-    """The first ~60 kB of tinyshakespeare in 4 .txt files."""
-    paragraphs = shakespeare.read_text(encoding="utf-8")[:60_000].split("\n\n")
-    out = tmp_path / "corpus"
-    out.mkdir()
-    per = len(paragraphs) // 4 + 1
-    for i in range(4):
-        (out / f"part{i}.txt").write_text("\n\n".join(paragraphs[i * per : (i + 1) * per]), encoding="utf-8")
-    return out

@@ -17,9 +17,9 @@ def _blocks(ds) -> np.ndarray:
     return np.concatenate([b["input_ids"] for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
 
 
-def test_corpus_from_s3_shards_and_manifest_to_s3(ray_cluster, s3, corpus_parts, tmp_path):
+def test_corpus_from_s3_shards_and_manifest_to_s3(ray_cluster, s3, shakespeare_parts, tmp_path):
     bucket = s3.bucket()
-    corpus = s3.upload(corpus_parts, bucket, "corpus")
+    corpus = s3.upload(shakespeare_parts, bucket, "corpus")
     shards = f"s3://{bucket}/tokens/shards"
     cfg = DataConfig(
         paths=[f"{corpus}/"],
@@ -47,7 +47,7 @@ def test_corpus_from_s3_shards_and_manifest_to_s3(ray_cluster, s3, corpus_parts,
     from_s3 = token_datasets(cfg, tok, run)
     assert from_s3.manifest == manifest
     local = token_datasets(
-        cfg.model_copy(update={"paths": [str(corpus_parts)], "shards_dir": None, "mode": "stream"}),
+        cfg.model_copy(update={"paths": [str(shakespeare_parts)], "shards_dir": None, "mode": "stream"}),
         TokenizerConfig(path=manifest["tokenizer_dir"]),
         run,
     )
