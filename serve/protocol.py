@@ -245,17 +245,10 @@ class ModelList(BaseModel):
 
 
 # ---- /v1/responses (the Responses API: text or message input, output items, typed stream events) ----
-class ResponseInputMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseInputMessage(ChatMessage):
+    """A chat message as the Responses API sends it (the same roles and content parts, typed)."""
 
     type: Literal["message"] = "message"
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, v: object) -> str:
-        return text_of_content(v)
 
 
 class ResponsesRequest(BaseModel):
@@ -300,6 +293,4 @@ class ResponsesRequest(BaseModel):
         out = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if isinstance(self.input, str):
             return [*out, {"role": "user", "content": self.input}]
-        for m in self.input:
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": m.content})
-        return out
+        return [*out, *(m.for_template() for m in self.input)]
