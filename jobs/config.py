@@ -23,10 +23,31 @@ class ModelConfig(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict, description="passed through to the HF config")
 
 
-class TrainConfig(BaseModel):
-    """Ray Train scaling, DeepSpeed engine settings and the schedule of one pretraining run."""
+class ScheduleConfig(BaseModel):
+    """The optimisation schedule `train` and `finetune` share: one definition, so the two cannot drift.
+
+    Both sections inherit these fields (same YAML keys, same attributes); `finetune` only changes some
+    defaults. Fine-tuning takes the rest of the engine setup from `train` (see FinetuneConfig).
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    micro_batch_size: int = Field(8, ge=1, description="blocks (finetune: rows) per worker per micro step")
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(200, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = Field(0, description="model init and the per-epoch data shuffle (data.shuffle)")
+
+
+class TrainConfig(ScheduleConfig):
+    """Ray Train scaling, DeepSpeed engine settings and the schedule of one pretraining run."""
 
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -42,37 +63,23 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU"
     )
-    micro_batch_size: int = Field(8, ge=1, description="blocks per worker per micro step")
-    grad_accum_steps: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0)
-    lr: float = Field(1e-3, gt=0, le=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(20, ge=0)
-    max_steps: int = Field(200, ge=1)
     activation_checkpointing: bool = False
-    eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(8, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
     num_to_keep: int | None = Field(2, ge=1)
     max_failures: int = Field(2, ge=-1, description="-1 = retry forever")
-    seed: int = Field(0, description="model init and the per-epoch data shuffle (data.shuffle)")
     shuffle_buffer_blocks: int = Field(
         2048, ge=1, description="blocks each worker's local shuffle buffer holds (memory: n x seq_len x 4 B)"
     )
     peak_flops: float = Field(1e12, gt=0, description="per-worker peak FLOP/s for the MFU estimate")
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(ScheduleConfig):
     """Supervised fine-tuning on prompt/response pairs (see jobs/finetune.py).
 
     Scaling and engine settings not named here (workers, ZeRO stage, precision, clipping, betas,
     checkpoints kept, failures) are taken from the `train` section, so one cluster setup serves both.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     paths: list[str] = Field(
         default_factory=list, description="jsonl pairs or chat messages; empty = demo pairs"
@@ -99,22 +106,16 @@ class FinetuneConfig(BaseModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="module names LoRA wraps (Llama attention projections by default)",
     )
+    # The schedule fields come from ScheduleConfig; fine-tuning's own defaults:
     max_steps: int = Field(150, ge=1)
     lr: float = Field(5e-4, gt=0, le=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    micro_batch_size: int = Field(8, ge=1, description="rows per worker per micro step")
-    grad_accum_steps: int = Field(1, ge=1)
+    eval_batches: int = Field(4, ge=1)
     max_seq_len: int = Field(256, ge=8, description="tokens per training row (source tokens for seq2seq)")
     max_target_len: int = Field(64, ge=2, description="seq2seq only: decoder tokens per row")
     packing: bool = Field(True, description="pack several examples per row (else one example, padded)")
     num_workers: int | None = Field(None, ge=1, description="Ray Train workers; default = train.num_workers")
-    eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(4, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    seed: int = 0
 
 
 class EvalConfig(BaseModel):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from jobs.config import ScheduleConfig
 from jobs.sft_data import IGNORE_INDEX, SftDataError, load_records, masked_lm_loss, sft_dataset
 
 log = logging.getLogger(__name__)
@@ -237,21 +238,8 @@ def finetune_train_config(cfg: Any) -> Any:
     small next to the optimizer state it no longer needs).
     """
     ft = cfg.finetune
-    update = {
-        "lr": ft.lr,
-        "min_lr_ratio": ft.min_lr_ratio,
-        "warmup_steps": ft.warmup_steps,
-        "weight_decay": ft.weight_decay,
-        "micro_batch_size": ft.micro_batch_size,
-        "grad_accum_steps": ft.grad_accum_steps,
-        "max_steps": ft.max_steps,
-        "eval_every": ft.eval_every,
-        "eval_batches": ft.eval_batches,
-        "log_every": ft.log_every,
-        "checkpoint_every": ft.checkpoint_every,
-        "seed": ft.seed,
-        "num_workers": ft.num_workers or cfg.train.num_workers,
-    }
+    update = {name: getattr(ft, name) for name in ScheduleConfig.model_fields}
+    update["num_workers"] = ft.num_workers or cfg.train.num_workers
     if ft.method == "lora" and cfg.train.zero_stage == 3:
         update |= {"zero_stage": 2, "offload_params": False}
     return cfg.train.model_copy(update=update)
