@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.k8s_config import K8sConfig
 from data_pipelines.config import DataConfig, TokenizerConfig
+from data_pipelines.layout import RunLayout
 from jobs.config import EvalConfig, FinetuneConfig, ModelConfig, TrainConfig
 from serve.config import ServeConfig
 
@@ -95,6 +96,14 @@ class RunConfig(BaseModel):
         if "://" not in storage:
             storage = os.path.abspath(storage)
         return f"{storage}/{self.cluster.run_name}"
+
+    @property
+    def run_name(self) -> str:
+        return self.cluster.run_name
+
+    def layout(self) -> RunLayout:
+        """The run folder's paths (a local run folder; a URI run keeps only checkpoints remote)."""
+        return RunLayout(Path(self.run_dir()))
 
 
 class ConfigError(Exception):

@@ -2,9 +2,10 @@
 
 The chart is the single source of truth for the manifests: this module only translates a RunConfig
 into chart values and runs the real `helm template`. What must never drift from local runs comes from
-the same Python the local commands use: the stage -> module map (`cluster.stages`) is passed in as
-`stageModules`, and the Serve deployment options come from `serve.options` (what `raylm serve` uses),
-so the RayJob entrypoint equals `raylm submit`'s and serveConfigV2 equals the local deployment.
+the same Python the local commands use: the stage runner and its stages (`cluster.run_stage`) are
+passed in as `stageRunner` and `stages`, and the Serve deployment options come from `serve.options`
+(what `raylm serve` uses), so the RayJob entrypoint equals `raylm submit`'s and serveConfigV2 equals
+the local deployment.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import yaml
 from cluster.config import ConfigError, RunConfig, dump_config
 from cluster.k8s_config import SecretKeyRef
 from cluster.kuberay_rules import operator_errors
-from cluster.stages import STAGE_MODULES
+from cluster.run_stage import RUNNER_MODULE
 from cluster.tools.install_helm import helm_binary
+from data_pipelines.layout import RUNNABLE_STAGES, STAGE_NAMES, Stage, runnable_stage
 from serve.options import app_deployments
 
 Mode = Literal["job", "service", "cluster"]
@@ -50,7 +52,7 @@ def config_hash(cfg: RunConfig, stage: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
-def release_name(cfg: RunConfig, mode: str, stage: str = "train") -> str:
+def release_name(cfg: RunConfig, mode: str, stage: str = Stage.PRETRAIN) -> str:
     """Object base name; a RayJob adds its stage and a hash of the config.
 
     A RayJob runs once: re-applying a finished one changes nothing in KubeRay. With the config hash in its
@@ -60,6 +62,7 @@ def release_name(cfg: RunConfig, mode: str, stage: str = "train") -> str:
     base = base_name(cfg)
     if mode != "job":
         return base
+    stage = runnable_stage(stage)  # `train` and `pretrain` name the same RayJob
     return f"{f'{base}-{stage}'[:40].rstrip('-')}-{config_hash(cfg, stage)}"
 
 
@@ -139,12 +142,15 @@ def _secret(ref: SecretKeyRef | None) -> dict[str, str]:
     return ref.model_dump() if ref else {"name": "", "key": ""}
 
 
-def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, Any]:
+def chart_values(cfg: RunConfig, mode: str, stage: str = Stage.PRETRAIN) -> dict[str, Any]:
     """Chart values for `mode` built from the typed run config (the contract between CLI and chart)."""
     if mode not in MODES:
         raise ConfigError(f"mode: got {mode!r}; allowed: {', '.join(MODES)}")
-    if mode == "job" and stage not in STAGE_MODULES:
-        raise ConfigError(f"stage: got {stage!r}; allowed stages: {', '.join(STAGE_MODULES)}")
+    if mode == "job":
+        try:
+            stage = runnable_stage(stage)
+        except ValueError:
+            raise ConfigError(f"stage: got {stage!r}; allowed stages: {', '.join(STAGE_NAMES)}") from None
     pod_cfg = pod_config(cfg)
     k = cfg.k8s
     serve = {key: v for key, v in cfg.serve.model_dump(mode="json").items() if v is not None}
@@ -225,9 +231,10 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = "train") -> dict[str, A
             "externalStorageNamespace": gcs.external_storage_namespace or "",
         },
         "apiKeySecret": {**_secret(k.api_key_secret), "env": cfg.serve.api_keys_env},
-        "stageModules": dict(STAGE_MODULES),
+        "stageRunner": RUNNER_MODULE,
+        "stages": [str(s) for s in RUNNABLE_STAGES],
         "job": {
-            "stage": stage,
+            "stage": str(stage),
             "shutdownAfterJobFinishes": k.job.shutdown_after_finishes,
             "ttlSecondsAfterFinished": k.job.ttl_seconds_after_finished,
             "backoffLimit": k.job.backoff_limit,
@@ -289,7 +296,7 @@ def check_operator_rules(manifests: str) -> None:
                 )
 
 
-def render(cfg: RunConfig, mode: str, stage: str = "train") -> str:
+def render(cfg: RunConfig, mode: str, stage: str = Stage.PRETRAIN) -> str:
     """Manifests (multi-document YAML) for `mode`, exactly as the chart renders them, checked against the
     operator's runtime rules (the CRD schema alone would let them through to a silent ValidationFailed)."""
     values = chart_values(cfg, mode, stage)

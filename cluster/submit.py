@@ -30,6 +30,7 @@ from ray.job_submission import JobStatus
 
 from cluster.config import RunConfig, dump_config
 from cluster.jobs_client import JobsClient
+from data_pipelines.layout import runnable_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_IN_PACKAGE = "raylm_run.yaml"
@@ -55,7 +56,6 @@ PACKAGE_EXCLUDES = [
 # Far below Ray's 512 MiB GCS limit: a package this big means a data or model folder slipped in.
 MAX_PACKAGE_BYTES = 100 * 1024 * 1024
 _LIVE = {JobStatus.PENDING, JobStatus.RUNNING}
-RESUMABLE_STAGES = ("train", "finetune")  # their modules take --resume
 
 _quiet = logging.getLogger("raylm.package")
 _quiet.setLevel(logging.WARNING)
@@ -189,10 +189,12 @@ def submission_base_id(label: str, entrypoint: str, cfg_hash: str, code_hash: st
 
 
 def _stage_entrypoint(stage: str, resume: bool) -> str:
-    from cluster.stages import STAGE_MODULES, entrypoint
+    from cluster.run_stage import RESUMABLE_STAGES, entrypoint
 
-    if stage not in STAGE_MODULES:
-        raise SubmitError(f"unknown stage {stage!r}; allowed: {', '.join(STAGE_MODULES)}")
+    try:
+        stage = runnable_stage(stage)
+    except ValueError as exc:
+        raise SubmitError(str(exc)) from None
     if resume and stage not in RESUMABLE_STAGES:
         raise SubmitError(f"--resume applies to the stages {', '.join(RESUMABLE_STAGES)}, not {stage!r}")
     command = entrypoint(stage, CONFIG_IN_PACKAGE)
@@ -218,7 +220,7 @@ def submit(
     if (stage is None) == (entrypoint is None):
         raise SubmitError("give exactly one of stage= or entrypoint=")
     command = _stage_entrypoint(stage, resume) if stage else entrypoint.replace("{config}", CONFIG_IN_PACKAGE)
-    label = stage or "job"
+    label = stage or "job"  # as the user typed it (`train`): the submission id they see and search for
     shipped = config_for_cluster(cfg)
     client = client or JobsClient(address, cfg.cluster.auth_token_file, default=cfg.cluster.dashboard_address)
     cfg_hash = config_hash(shipped)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from data_pipelines.config import DataConfig, TokenizerConfig
 
 
 class ModelConfig(BaseModel):
@@ -136,3 +138,25 @@ class EvalConfig(BaseModel):
     max_ppl_tokens: int = Field(32_768, ge=16, description="held-out tokens scored for perplexity")
     num_samples: int = Field(4, ge=0, description="sample generations shown in the report")
     min_exact_match: float | None = Field(None, ge=0, le=1, description="deploy gate; None = no gate")
+
+
+class RunSections(Protocol):
+    """The parts of a run configuration the job stages read.
+
+    `cluster.config.RunConfig` satisfies it; typing the stages against this protocol keeps `jobs` from
+    importing the control plane that composes the sections.
+    """
+
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    train: TrainConfig
+    finetune: FinetuneConfig
+    eval: EvalConfig
+
+    @property
+    def run_name(self) -> str: ...
+
+    def run_dir(self) -> str: ...
+
+    def section_hash(self, *sections: str) -> str: ...

@@ -1,6 +1,6 @@
 """Held-out evaluation of exported models: perplexity, exact match, token F1 and sample answers.
 
-`python -m jobs.evaluate --config run.yaml` (or `raylm eval run.yaml`) scores every export of the
+`raylm eval run.yaml` (or `python -m cluster.run_stage eval --config run.yaml`) scores every export of the
 run that exists — the pretrained-only model and the fine-tuned one — on the same held-out data, so
 the report can show what fine-tuning bought. Answers are decoded greedily, which makes the scores a
 property of the model alone. Results land in `<run_dir>/eval/results.json` and `results.md`.
@@ -12,7 +12,6 @@ the bag of tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -26,8 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from jobs.config import EvalConfig
-from jobs.sft_data import load_records, pair_of
+from data_pipelines.layout import RunLayout
+from jobs.config import EvalConfig, RunSections
+from jobs.sft_data import eval_pair_paths, load_records, pair_of, stop_token_ids
 
 MODEL_NAMES = ("pretrained", "finetuned")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -108,15 +108,6 @@ def load_model(folder: str | Path) -> tuple[Any, Any]:
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32)
     return model.eval(), load_tokenizer(folder)
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Generation ends at the end of the assistant turn or at eos, whichever the model emits."""
-    ids = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    if isinstance(end, int) and end != tokenizer.unk_token_id:
-        ids.insert(0, end)
-    return ids
 
 
 @torch.no_grad()
@@ -240,15 +231,6 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> tuple[Path, P
 
 
 # ---- held-out data ------------------------------------------------------------------------------------
-def eval_pair_paths(cfg: Any) -> list[str]:
-    """`eval.paths`, else fine-tuning's held-out pairs, else the demo corpus's held-out phrasings."""
-    if cfg.eval.paths:
-        return list(cfg.eval.paths)
-    from jobs.finetune import pair_paths
-
-    return pair_paths(cfg)[1]
-
-
 def _val_text(batch: Any) -> Any:
     import pyarrow.compute as pc
 
@@ -285,19 +267,16 @@ def heldout_texts(cfg: Any, max_chars: int | None = None) -> list[str]:
 
 
 # ---- entry point -------------------------------------------------------------------------------------
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: RunSections) -> dict[str, Any]:
     """Evaluate every export of the run on the held-out data; returns and writes the results."""
     from rich.console import Console
 
-    from cluster.local_ray import ensure_ray
-
     console = Console()
-    ensure_ray(cfg.cluster)
-    run_dir = Path(cfg.run_dir())
-    exports = {name: run_dir / "export" / name for name in MODEL_NAMES}
+    layout = RunLayout(Path(cfg.run_dir()))
+    exports = {name: layout.export(name) for name in MODEL_NAMES}
     exports = {name: path for name, path in exports.items() if (path / "config.json").is_file()}
     if not exports:
-        raise FileNotFoundError(f"nothing to evaluate: no exported model under {run_dir / 'export'}")
+        raise FileNotFoundError(f"nothing to evaluate: no exported model under {layout.exports_root}")
     records = load_records(eval_pair_paths(cfg))
     texts = heldout_texts(cfg)
     torch.manual_seed(0)
@@ -312,20 +291,6 @@ def run(cfg: Any) -> dict[str, Any]:
             f"[bold]{name}[/]: exact match {_fmt(r['exact_match'])}, token F1 {_fmt(r['token_f1'])}, "
             f"perplexity {_fmt(r.get('perplexity'), 2)} ({r['seconds']} s)"
         )
-    js, md = write_results(results, run_dir / "eval")
+    js, md = write_results(results, layout.eval_dir)
     console.print(f"results: {js} and {md}")
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    from cluster.config import load_config
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-    run(load_config(args.config, args.overrides))
-
-
-if __name__ == "__main__":
-    main()

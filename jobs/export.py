@@ -1,7 +1,7 @@
 """Consolidate a training checkpoint (DeepSpeed ZeRO shards) into a Hugging Face model folder.
 
-`python -m jobs.export SRC OUT` (or `--config run.yaml`: the run's pretraining into
-`<run>/export/pretrained`) where SRC is a checkpoint folder, a stage folder holding
+`raylm export SRC OUT` (or `python -m cluster.run_stage export --config run.yaml`: the run's pretraining
+into `<run>/export/pretrained`) where SRC is a checkpoint folder, a stage folder holding
 `checkpoint_*` folders (`runs/demo/pretrain`), a run folder (`runs/demo`, its pretrain stage), or a
 run name looked up under `cluster.storage_path`. Only complete checkpoints are used. The output
 (config.json, generation_config.json, model*.safetensors, tokenizer files) loads with
@@ -10,18 +10,17 @@ run name looked up under `cluster.storage_path`. Only complete checkpoints are u
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
+from data_pipelines.layout import Stage
 from jobs.checkpointing import HF_SUBDIR, incompleteness, newest_complete, read_meta
 
 log = logging.getLogger(__name__)
-DEFAULT_STAGE = "pretrain"
+DEFAULT_STAGE = Stage.PRETRAIN
 
 
 class ExportError(Exception):
@@ -100,39 +99,3 @@ def export(
             shutil.copy2(f, out / f.name)
     log.info("exported %s (step %s) to %s", ckpt, read_meta(ckpt)["step"], out)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__.splitlines()[0])
-    parser.add_argument("src", nargs="?", help="checkpoint folder, stage folder, run folder or run name "
-                        "(default: the pretraining of --config's run)")
-    parser.add_argument("out", nargs="?", help="output HF folder (default: <run>/export/pretrained)")
-    parser.add_argument("--config", help="run YAML: storage_path for run names, and the defaults above")
-    parser.add_argument("--max-shard-size", default="2GB")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    storage, run_dir = "runs", None
-    if args.config:
-        from cluster.config import ConfigError, load_config
-
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        storage, run_dir = cfg.cluster.storage_path, Path(cfg.run_dir())
-    if run_dir is None and (args.src is None or args.out is None):
-        parser.error("give SRC and OUT, or --config RUN.yaml")
-    src = args.src or run_dir / DEFAULT_STAGE
-    out = args.out or run_dir / "export" / "pretrained"
-    try:
-        path = export(src, out, storage, args.max_shard_size)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

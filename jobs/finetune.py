@@ -1,7 +1,7 @@
 """Supervised fine-tuning job: chat pairs → the shared Ray Train + DeepSpeed loop → merged HF export.
 
-`python -m jobs.finetune --config run.yaml [--set finetune.method=lora] [--resume]` (or
-`raylm finetune run.yaml`). The model starts from `finetune.base`: a Hugging Face folder, or a raylm
+`raylm finetune run.yaml [--set finetune.method=lora] [--resume]` (or `python -m cluster.run_stage
+finetune --config run.yaml`). The model starts from `finetune.base`: a Hugging Face folder, or a raylm
 run folder (its `export/pretrained`, exported from its newest pretraining checkpoint if need be);
 by default this run's own pretrained export. Training goes through `jobs.train_loop` exactly like
 pretraining (DeepSpeed engine, validation on the held-out pairs, metrics, complete-only checkpoints,
@@ -18,11 +18,9 @@ The result lands in `<run>/export/finetuned`; curves and checkpoints in `<run>/f
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,20 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from jobs.config import ScheduleConfig
-from jobs.sft_data import IGNORE_INDEX, SftDataError, load_records, masked_lm_loss, sft_dataset
+from data_pipelines.layout import RunLayout, Stage
+from jobs.config import RunSections, ScheduleConfig
+from jobs.sft_data import (
+    IGNORE_INDEX,
+    load_records,
+    masked_lm_loss,
+    pair_paths,
+    sft_dataset,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 console = Console()
-STAGE = "finetune"
+STAGE = Stage.FINETUNE
 
 
 class FinetuneError(ValueError):
@@ -180,7 +186,7 @@ def build_model(config: Any, base: str | None, lora: LoraSettings | None) -> tor
 
 
 # ---- locating inputs ----------------------------------------------------------------------------------
-def resolve_base(cfg: Any) -> Path | None:
+def resolve_base(cfg: RunSections) -> Path | None:
     """The HF folder fine-tuning starts from (None: a fresh seq2seq model from its config)."""
     ft = cfg.finetune
     if ft.base is None and ft.task == "seq2seq":
@@ -188,14 +194,15 @@ def resolve_base(cfg: Any) -> Path | None:
     base = Path(ft.base) if ft.base else Path(cfg.run_dir())
     if (base / "config.json").is_file():
         return base
-    exported = base / "export" / "pretrained"
+    layout = RunLayout(base)
+    exported = layout.pretrained
     if (exported / "config.json").is_file():
         return exported
-    if (base / "pretrain").is_dir():
+    if layout.stage_dir(Stage.PRETRAIN).is_dir():
         from jobs.export import ExportError, export
 
         try:
-            return export(base / "pretrain", exported)
+            return export(layout.stage_dir(Stage.PRETRAIN), exported)
         except ExportError as exc:
             raise FinetuneError(f"finetune.base: cannot export {base}: {exc}") from None
     what = f"finetune.base: {ft.base}" if ft.base else f"finetune.base (default: this run, {base})"
@@ -205,7 +212,7 @@ def resolve_base(cfg: Any) -> Path | None:
     )
 
 
-def tokenizer_dir_for(cfg: Any, base: Path | None) -> str:
+def tokenizer_dir_for(cfg: RunSections, base: Path | None) -> str:
     """The base model's own tokenizer, else `tokenizer.path`, else this run's (trained if need be)."""
     if base is not None and (base / "tokenizer.json").is_file():
         return str(base)
@@ -217,20 +224,8 @@ def tokenizer_dir_for(cfg: Any, base: Path | None) -> str:
     return ensure_tokenizer(data, cfg.tokenizer, cfg.run_dir(), files)
 
 
-def pair_paths(cfg: Any) -> tuple[list[str], list[str]]:
-    """(training, held-out) jsonl paths: the configured ones, else the demo corpus's pairs."""
-    from data_pipelines.demo_corpus import write_demo_corpus
-
-    train, held_out = list(cfg.finetune.paths), list(cfg.finetune.eval_paths)
-    if not train or not held_out:
-        demo = write_demo_corpus(cfg.data.demo, Path(cfg.run_dir()) / "data" / "demo")
-        train = train or [str(demo.sft_train)]
-        held_out = held_out or [str(demo.sft_eval)]
-    return train, held_out
-
-
 # ---- the stage ----------------------------------------------------------------------------------------
-def finetune_train_config(cfg: Any) -> Any:
+def finetune_train_config(cfg: RunSections) -> Any:
     """The `train` section with the fine-tuning schedule; LoRA stays at ZeRO <= 2 (see note below).
 
     peft initialises its adapters after the base layers exist; under ZeRO-3's `zero.Init` those
@@ -245,7 +240,7 @@ def finetune_train_config(cfg: Any) -> Any:
     return cfg.train.model_copy(update=update)
 
 
-def loop_spec(cfg: Any, base: Path | None, tokenizer_dir: str) -> Any:
+def loop_spec(cfg: RunSections, base: Path | None, tokenizer_dir: str) -> Any:
     from jobs.train_loop import LoopSpec
 
     ft = cfg.finetune
@@ -285,7 +280,6 @@ def generation_config(tokenizer_dir: str, seq2seq: bool) -> Any:
     from transformers import GenerationConfig
 
     from data_pipelines.tokenizer import load_tokenizer
-    from jobs.evaluate import stop_token_ids
 
     tok = load_tokenizer(tokenizer_dir)
     kwargs = {
@@ -324,14 +318,12 @@ def export_finetuned(spec: Any, ckpt: Path, out: Path) -> Path:
     return out
 
 
-def run(cfg: Any, resume: bool = False, progress: bool = True) -> Path:
+def run(cfg: RunSections, resume: bool = False, progress: bool = True) -> Path:
     """The whole stage: resolve base and data, train through the shared loop, export; returns the export."""
-    from cluster.local_ray import ensure_ray
     from jobs.metrics import plot_loss_curve, read_metrics, summary_table
     from jobs.train_loop import final_checkpoint, fit
 
     ft = cfg.finetune
-    ensure_ray(cfg.cluster)
     base = resolve_base(cfg)
     base = base.resolve() if base else None  # workers run elsewhere: no cwd-relative paths
     tokenizer_dir = str(Path(tokenizer_dir_for(cfg, base)).resolve())
@@ -358,31 +350,7 @@ def run(cfg: Any, resume: bool = False, progress: bool = True) -> Path:
     records = read_metrics(spec.out_dir)
     if records:
         plot_loss_curve(records, spec.out_dir / "loss_curve.png")
-        console.print(summary_table(records, f"fine-tune · {cfg.cluster.run_name}"))
-    out = export_finetuned(spec, final_checkpoint(spec), Path(spec.run_dir) / "export" / "finetuned")
+        console.print(summary_table(records, f"fine-tune · {cfg.run_name}"))
+    out = export_finetuned(spec, final_checkpoint(spec), RunLayout(Path(spec.run_dir)).finetuned)
     console.print(f"exported fine-tuned model to [bold]{out}[/]")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from cluster.config import ConfigError, load_config
-    from jobs.train_loop import RunExistsError
-
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="run configuration YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override a.b=c")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest fine-tuning checkpoint"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(load_config(args.config, args.overrides), resume=args.resume)
-    except (ConfigError, FinetuneError, SftDataError, RunExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,17 +1,15 @@
 """Pretraining job: tokenised blocks from the data pipeline → Ray Train workers with DeepSpeed → HF export.
 
-`python -m jobs.pretrain --config run.yaml [--set train.max_steps=50] [--resume]` runs the same way
-locally (embedded Ray) and on a cluster (joins RAY_ADDRESS). Artefacts land in `<run>/pretrain/`
-(checkpoints, metrics.jsonl, TensorBoard events, loss_curve.png) and the consolidated model in
-`<run>/export/pretrained`, which fine-tuning, evaluation and serving pick up.
+`raylm train run.yaml [--set train.max_steps=50] [--resume]` (or `python -m cluster.run_stage pretrain
+--config run.yaml`) runs the same way locally (embedded Ray) and on a cluster (joins RAY_ADDRESS).
+Artefacts land in `<run>/pretrain/` (checkpoints, metrics.jsonl, TensorBoard events, loss_curve.png)
+and the consolidated model in `<run>/export/pretrained`, which fine-tuning, evaluation and serving pick up.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +17,17 @@ from typing import Any
 
 from rich.console import Console
 
-from cluster.config import ConfigError, RunConfig, load_config
+from data_pipelines.layout import RunLayout, Stage
 from data_pipelines.tokenizer import load_tokenizer
+from jobs.config import RunSections
 from jobs.export import export
 from jobs.metrics import plot_loss_curve, read_metrics, summary_table
 from jobs.model import build_model, hf_config
-from jobs.train_loop import LoopSpec, RunExistsError, check_fresh, final_checkpoint, fit
+from jobs.train_loop import LoopSpec, check_fresh, final_checkpoint, fit
 
 log = logging.getLogger(__name__)
 console = Console()
-STAGE = "pretrain"
+STAGE = Stage.PRETRAIN
 
 
 @dataclass
@@ -40,7 +39,7 @@ class PretrainResult:
     loss_curve: Path | None
 
 
-def local_run_dir(cfg: RunConfig) -> Path:
+def local_run_dir(cfg: RunSections) -> Path:
     """Where this process writes the run's files: the run folder, or for a run folder on object
     storage (checkpoints go there through Ray Train) a local folder named after its URI."""
     run_dir = cfg.run_dir()
@@ -49,7 +48,7 @@ def local_run_dir(cfg: RunConfig) -> Path:
     return Path(run_dir).resolve()
 
 
-def loop_spec(cfg: RunConfig, tokenizer_dir: str, seq_len: int) -> LoopSpec:
+def loop_spec(cfg: RunSections, tokenizer_dir: str, seq_len: int) -> LoopSpec:
     """The pretraining LoopSpec: causal-LM loss on packed `input_ids` blocks."""
     tokenizer = load_tokenizer(tokenizer_dir)
     config = hf_config(cfg.model, tokenizer, seq_len)
@@ -70,7 +69,7 @@ def loop_spec(cfg: RunConfig, tokenizer_dir: str, seq_len: int) -> LoopSpec:
 
 
 def train(
-    cfg: RunConfig,
+    cfg: RunSections,
     train_ds: Any,
     val_ds: Any | None,
     tokenizer_dir: str,
@@ -87,45 +86,19 @@ def train(
     fit(spec, datasets, resume=resume, progress=progress)
     records = read_metrics(spec.out_dir)
     curve = plot_loss_curve(records, spec.out_dir / "loss_curve.png") if records else None
-    console.print(summary_table(records, f"pretrain · {cfg.cluster.run_name}"))
+    console.print(summary_table(records, f"pretrain · {cfg.run_name}"))
     checkpoint = final_checkpoint(spec)
     out = None
     if export_model:
-        out = export(checkpoint, Path(spec.run_dir) / "export" / "pretrained")
+        out = export(checkpoint, RunLayout(Path(spec.run_dir)).pretrained)
         console.print(f"exported Hugging Face model to [bold]{out}[/]")
     return PretrainResult(Path(spec.run_dir), checkpoint, out, records, curve)
 
 
-def run(cfg: RunConfig, resume: bool = False) -> PretrainResult:
-    """The whole stage: start/join Ray, stream the corpus through the data pipeline, train, export."""
-    from cluster.local_ray import ensure_ray
+def run(cfg: RunSections, resume: bool = False) -> PretrainResult:
+    """The whole stage on a started Ray: stream the corpus through the data pipeline, train, export."""
     from data_pipelines.pipeline import token_datasets
 
-    check_fresh(local_run_dir(cfg) / STAGE, resume)
-    ensure_ray(cfg.cluster)
+    check_fresh(RunLayout(local_run_dir(cfg)).stage_dir(STAGE), resume)
     td = token_datasets(cfg.data, cfg.tokenizer, cfg.run_dir())
     return train(cfg, td.train, td.val, td.tokenizer_dir, td.seq_len, resume=resume)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="run configuration YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override a.b=c")
-    parser.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg, resume=args.resume)
-    except RunExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,6 +31,8 @@ import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.layout import RunLayout
+
 IGNORE_INDEX = -100
 RECORD_COLUMN = "record"
 COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
@@ -298,3 +300,32 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+# ---- pieces fine-tuning and evaluation share (here, below both, so neither imports the other) ---------
+def pair_paths(cfg: Any) -> tuple[list[str], list[str]]:
+    """(training, held-out) jsonl paths: `finetune.paths`/`eval_paths`, else the demo corpus's pairs."""
+    from data_pipelines.demo_corpus import write_demo_corpus
+
+    train, held_out = list(cfg.finetune.paths), list(cfg.finetune.eval_paths)
+    if not train or not held_out:
+        demo = write_demo_corpus(cfg.data.demo, RunLayout(Path(cfg.run_dir())).demo_corpus)
+        train = train or [str(demo.sft_train)]
+        held_out = held_out or [str(demo.sft_eval)]
+    return train, held_out
+
+
+def eval_pair_paths(cfg: Any) -> list[str]:
+    """`eval.paths`, else fine-tuning's held-out pairs, else the demo corpus's held-out phrasings."""
+    if cfg.eval.paths:
+        return list(cfg.eval.paths)
+    return pair_paths(cfg)[1]
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Generation ends at the end of the assistant turn or at eos, whichever the model emits."""
+    ids = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        ids.insert(0, end)
+    return ids

@@ -29,8 +29,8 @@ from cluster.kuberay import (
     WaitTimeoutError,
 )
 from cluster.model_folder import check_local_model_folder
-from cluster.stages import STAGE_MODULES
 from cluster.tools.install_helm import ToolInstallError
+from data_pipelines.layout import STAGE_NAMES
 
 k8s_app = typer.Typer(help="Render and run raylm on Kubernetes (KubeRay): RayCluster, RayJob or RayService.")
 
@@ -45,7 +45,7 @@ MODE_KIND = {"job": Kind.RAY_JOB, "service": Kind.RAY_SERVICE, "cluster": Kind.R
 
 ModeOpt = Annotated[ModeChoice, typer.Option("--mode", "-m", help="cluster | job | service")]
 StageOpt = Annotated[
-    str, typer.Option("--stage", help=f"job mode: stage to run ({', '.join(STAGE_MODULES)})")
+    str, typer.Option("--stage", help=f"job mode: stage to run ({', '.join(STAGE_NAMES)})")
 ]
 KubeconfigOpt = Annotated[
     str | None, typer.Option("--kubeconfig", help="kubeconfig file (default: ~/.kube/config)")
@@ -79,7 +79,7 @@ def _status_dict(status: Status) -> dict[str, Any]:
 def render_cmd(
     config: ConfigArg,
     mode: ModeOpt = ModeChoice.cluster,
-    stage: StageOpt = "train",
+    stage: StageOpt = "pretrain",
     set_: SetOpt = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="write here instead of stdout")
@@ -101,7 +101,7 @@ def render_cmd(
 def apply_cmd(
     config: ConfigArg,
     mode: ModeOpt = ModeChoice.cluster,
-    stage: StageOpt = "train",
+    stage: StageOpt = "pretrain",
     set_: SetOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
@@ -128,7 +128,7 @@ def apply_cmd(
 def status_cmd(
     config: ConfigArg,
     mode: ModeOpt = ModeChoice.cluster,
-    stage: StageOpt = "train",
+    stage: StageOpt = "pretrain",
     set_: SetOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
@@ -148,7 +148,7 @@ def status_cmd(
 def wait_cmd(
     config: ConfigArg,
     mode: ModeOpt = ModeChoice.cluster,
-    stage: StageOpt = "train",
+    stage: StageOpt = "pretrain",
     set_: SetOpt = None,
     timeout_s: Annotated[
         float, typer.Option("--timeout-s", min=0, help="give up after this many seconds")
@@ -206,7 +206,7 @@ def _short(status: Status) -> str:
 def token_cmd(
     config: ConfigArg,
     mode: ModeOpt = ModeChoice.cluster,
-    stage: StageOpt = "train",
+    stage: StageOpt = "pretrain",
     set_: SetOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
@@ -228,7 +228,7 @@ def token_cmd(
 def delete_cmd(
     config: ConfigArg,
     mode: ModeOpt = ModeChoice.cluster,
-    stage: StageOpt = "train",
+    stage: StageOpt = "pretrain",
     set_: SetOpt = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,

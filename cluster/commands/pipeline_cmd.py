@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cluster.commands._common import ConfigArg, SetOpt, console, err_console, fail, load_or_exit
+from data_pipelines.layout import Stage
 
 if TYPE_CHECKING:
     from cluster.config import RunConfig
@@ -30,17 +31,6 @@ Verbose = Annotated[
         help="show Ray, DeepSpeed and torch output here, not in the run's log file (or RAYLM_VERBOSE=1)",
     ),
 ]
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from data_pipelines.pipeline import DataPipelineError
-    from data_pipelines.readers import CorpusNotFoundError
-    from jobs.export import ExportError
-    from jobs.finetune import FinetuneError
-    from jobs.sft_data import SftDataError
-    from jobs.train_loop import RunExistsError
-
-    return (DataPipelineError, CorpusNotFoundError, ExportError, FinetuneError, SftDataError, RunExistsError)
 
 
 def pipeline(
@@ -87,6 +77,7 @@ def _disconnect_ray() -> None:
 
 def _run(cfg: RunConfig, invocation: Invocation, log_path: Path | None) -> None:
     from cluster.pipeline import EXIT_GATE, GateError, PipelineError, endpoint_lifetime, run_pipeline
+    from cluster.run_stage import user_errors
 
     report = f"{cfg.run_dir()}/report.md"
     try:
@@ -94,7 +85,7 @@ def _run(cfg: RunConfig, invocation: Invocation, log_path: Path | None) -> None:
     except GateError as exc:
         console.print(f"report: {report}", highlight=False, soft_wrap=True)
         fail(str(exc), code=EXIT_GATE)
-    except (PipelineError, *_user_errors()) as exc:
+    except (PipelineError, *user_errors()) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         err_console.print("interrupted: running the same command again continues where this run stopped")
@@ -157,17 +148,9 @@ def finetune(config: ConfigArg, set_: SetOpt = None, resume: bool = typer.Option
     Starts from finetune.base (default: this run's pretrained export). --resume continues a stopped
     run from its newest complete checkpoint.
     """
-    cfg = load_or_exit(config, set_)
-    from cluster.preflight import join_and_check
-    from jobs.finetune import run
+    from cluster.run_stage import run_stage
 
-    join_and_check(cfg, "finetune", console)
-
-    try:
-        out = run(cfg, resume=resume)
-    except _user_errors() as exc:
-        fail(str(exc))
-    console.print(f"fine-tuned model: {out}")
+    run_stage(Stage.FINETUNE, load_or_exit(config, set_), resume=resume, console=console)
 
 
 def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
@@ -175,19 +158,9 @@ def evaluate(config: ConfigArg, set_: SetOpt = None) -> None:
 
     Writes <run>/eval/results.json and results.md.
     """
-    cfg = load_or_exit(config, set_)
-    from cluster.model_folder import check_run_exports
-    from cluster.preflight import join_and_check
-    from jobs.evaluate import results_markdown, run
+    from cluster.run_stage import run_stage
 
-    check_run_exports(cfg.run_dir())  # a broken export fails in one line before Ray starts
-    join_and_check(cfg, "eval", console)
-
-    try:
-        results = run(cfg)
-    except (FileNotFoundError, *_user_errors()) as exc:
-        fail(str(exc))
-    console.print(results_markdown(results), markup=False, highlight=False)
+    run_stage(Stage.EVAL, load_or_exit(config, set_), console=console)
 
 
 def register(app: typer.Typer) -> None:

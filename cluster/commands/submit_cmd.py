@@ -22,8 +22,9 @@ from cluster.auth import AuthError
 from cluster.commands._common import ConfigArg, SetOpt, console, err_console, fail, load_or_exit
 from cluster.jobs_client import JobOutcome, JobsClient, JobsError
 from cluster.preflight import PreflightError, check_fits
-from cluster.stages import STAGE_MODULES
+from cluster.run_stage import STAGE_RUNS
 from cluster.submit import SubmitError, submit
+from data_pipelines.layout import STAGE_NAMES, runnable_stage
 
 AddressOpt = Annotated[
     str | None,
@@ -45,8 +46,6 @@ _STATUS_STYLE = {
     JobStatus.STOPPED: "magenta",
 }
 
-# Stages whose job asks Ray for resources (export runs in the driver alone).
-CAPACITY_STAGES = ("data", "train", "finetune", "eval")
 
 jobs_app = typer.Typer(
     help="List, inspect, tail and stop jobs on a Ray cluster (Ray Jobs API).", no_args_is_help=True
@@ -95,7 +94,7 @@ def _wait_and_exit(client: JobsClient, job_id: str) -> None:
 
 def submit_command(
     stage: Annotated[
-        str, typer.Argument(help=f"pipeline stage: {', '.join(STAGE_MODULES)}", show_default=False)
+        str, typer.Argument(help=f"pipeline stage: {', '.join(STAGE_NAMES)}", show_default=False)
     ],
     config: ConfigArg,
     address: AddressOpt = None,
@@ -115,13 +114,15 @@ def submit_command(
     Submitting an identical run (same stage, resolved config and code) again attaches to the job
     already pending, running or done instead of starting a second one.
     """
-    if stage not in STAGE_MODULES:
-        fail(f"unknown stage {stage!r}; allowed: {', '.join(STAGE_MODULES)}")
+    try:
+        demand = STAGE_RUNS[runnable_stage(stage)].demand
+    except ValueError as exc:
+        fail(str(exc))
     cfg = load_or_exit(config, set_)
     with _user_errors():
         client = JobsClient(address, cfg.cluster.auth_token_file, default=cfg.cluster.dashboard_address)
-        if stage in CAPACITY_STAGES and not cfg.cluster.autoscaler:  # never hold a job that cannot start
-            check_fits(cfg, stage, client.node_resources())
+        if demand and not cfg.cluster.autoscaler:  # never hold a job that cannot start
+            check_fits(cfg, demand, client.node_resources())
         sub = submit(cfg, stage=stage, client=client, rerun=rerun, resume=resume)
         verb = "already submitted" if sub.reused else "submitted"
         console.print(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cluster.commands._common import ConfigArg, SetOpt, console, fail, load_or_exit
+from data_pipelines.layout import Stage
 
 
 def train(
@@ -21,20 +22,9 @@ def train(
 
     Without --resume a run whose folder already holds checkpoints is refused, so nothing is overwritten.
     """
-    cfg = load_or_exit(config, set_)
-    from cluster.local_ray import ensure_ray
-    from cluster.preflight import preflight
-    from jobs.pretrain import run
-    from jobs.train_loop import RunExistsError
+    from cluster.run_stage import run_stage
 
-    ensure_ray(cfg.cluster)
-    preflight(cfg, "train", console)  # a run the cluster can never hold fails here, not after a hang
-
-    try:
-        result = run(cfg, resume=resume)
-    except RunExistsError as exc:
-        fail(str(exc))
-    console.print(f"[green]done[/] checkpoint {result.checkpoint}")
+    run_stage(Stage.PRETRAIN, load_or_exit(config, set_), resume=resume, console=console)
 
 
 def export(

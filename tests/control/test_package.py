@@ -35,7 +35,7 @@ def test_repository_package_is_small_and_clean(tmp_path: Path) -> None:
     assert package.size_bytes < 3 * 1024 * 1024, f"package is {package.size_bytes} bytes"
     assert not (_top_dirs(names) & FORBIDDEN_TOP), sorted(_top_dirs(names) & FORBIDDEN_TOP)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or ".egg-info" in n]
-    assert {"cluster/submit.py", "cluster/stages.py", "pyproject.toml", CONFIG_IN_PACKAGE} <= set(names)
+    assert {"cluster/submit.py", "cluster/run_stage.py", "pyproject.toml", CONFIG_IN_PACKAGE} <= set(names)
     # These folders exist in the checkout, so the assertions above are not vacuous.
     assert (REPO_ROOT / ".git").exists() and (REPO_ROOT / ".venv").is_dir()  # .git is a file in a worktree
 
@@ -109,6 +109,6 @@ def test_git_commit_names_head() -> None:
 
 
 def test_cli_rejects_unknown_stage_before_any_work(cli, tmp_path: Path) -> None:
-    res = cli("submit", "pretrain", str(tmp_path / "missing.yaml"), "--address", "http://127.0.0.1:9")
+    res = cli("submit", "deploy", str(tmp_path / "missing.yaml"), "--address", "http://127.0.0.1:9")
     assert res.returncode == 2
-    assert "unknown stage 'pretrain'" in res.stderr and "train" in res.stderr and "finetune" in res.stderr
+    assert "unknown stage 'deploy'" in res.stderr and "pretrain" in res.stderr and "finetune" in res.stderr

@@ -1,4 +1,4 @@
-"""`raylm data prepare` and `python -m data_pipelines.prepare` as users run them (subprocesses)."""
+"""`raylm data prepare` and `python -m cluster.run_stage tokens` as users run them (subprocesses)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,6 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, override, named):
 def test_module_entrypoint_rejects_a_bad_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  min_chars: 0\n")
-    cmd = [sys.executable, "-m", "data_pipelines.prepare", "--config", str(bad)]
+    cmd = [sys.executable, "-m", "cluster.run_stage", "tokens", "--config", str(bad)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 2 and "data.min_chars" in done.stderr and "Traceback" not in done.stderr

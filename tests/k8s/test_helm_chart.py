@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.stages import STAGE_MODULES
+from cluster.run_stage import RUNNER_MODULE
+from data_pipelines.layout import RUNNABLE_STAGES
 from serve.config import ServeConfig
 from serve.options import app_deployments
 from tests.k8s.conftest import CHART, docs_of, run_helm
@@ -81,7 +82,8 @@ def test_unknown_mode_and_stage_rejected(helm: str) -> None:
         helm, "template", str(CHART), "--set", "mode=job", "--set", "job.stage=deploy", check=False
     )
     assert proc.returncode != 0
-    assert 'job.stage "deploy" is not a stage; allowed: data, eval, export, finetune, train' in proc.stderr
+    allowed = "allowed: tokens, pretrain, finetune, eval, export"
+    assert f'job.stage "deploy" is not a stage; {allowed}' in proc.stderr
 
 
 def _pod_specs(doc: dict) -> list[dict]:
@@ -135,7 +137,7 @@ def test_cluster_mode_autoscaler_groups_and_scheduling(helm: str) -> None:
 def test_job_mode_lifecycle_fields(helm: str) -> None:
     docs = docs_of(run_helm(helm, "template", "ci", str(CHART), "-f", str(ci_values("job"))).stdout)
     job = next(d for d in docs if d["kind"] == "RayJob")["spec"]
-    assert job["entrypoint"] == "python -m jobs.pretrain --config /etc/raylm/run.yaml"
+    assert job["entrypoint"] == "python -m cluster.run_stage pretrain --config /etc/raylm/run.yaml"
     assert (job["shutdownAfterJobFinishes"], job["ttlSecondsAfterFinished"]) == (True, 300)
     assert (job["backoffLimit"], job["activeDeadlineSeconds"]) == (1, 7200)
     assert yaml.safe_load(job["runtimeEnvYAML"]) == {"env_vars": {"NCCL_DEBUG": "WARN"}}
@@ -194,6 +196,6 @@ def test_service_mode_endpoint_ingress_secrets_and_gcs_ft(helm: str) -> None:
 def test_chart_defaults_match_the_python_mappings() -> None:
     """A hand-installed chart must run the same commands and Serve options as `raylm` would."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["stageModules"] == STAGE_MODULES
+    assert (values["stageRunner"], values["stages"]) == (RUNNER_MODULE, list(RUNNABLE_STAGES))
     serve = ServeConfig.model_validate(values["serve"])
     assert values["serveDeployments"] == app_deployments(serve)

@@ -1,5 +1,5 @@
 """`raylm k8s render`: the run file -> chart -> manifests, with the RayJob entrypoint and serveConfigV2
-proven equal to what the local commands use (cluster.stages, serve.options)."""
+proven equal to what the local commands use (cluster.run_stage, serve.options)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from cluster.config import load_config
 from cluster.k8s_render import CHART_DIR, chart_values, pod_config, release_name
-from cluster.stages import STAGE_MODULES, entrypoint
+from cluster.run_stage import RUNNER_MODULE, entrypoint
+from data_pipelines.layout import RUNNABLE_STAGES, STAGE_ALIASES
 from serve.options import app_deployments
 from tests.k8s.conftest import NAMESPACE, docs_of, run_helm
 from tests.k8s.crd_schema import crd_errors
@@ -53,7 +54,7 @@ def test_render_equals_helm_template_of_the_chart(
             assert crd_errors(doc) == []
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+@pytest.mark.parametrize("stage", [str(s) for s in RUNNABLE_STAGES])
 def test_rayjob_entrypoint_is_the_submit_entrypoint(helm: str, run_file: Path, stage: str) -> None:
     docs = by_kind(render_cli(str(run_file), "--mode", "job", "--stage", stage))
     job = docs["RayJob"]
@@ -150,7 +151,7 @@ def test_render_set_overrides_reach_the_manifests(helm: str, run_file: Path) -> 
     [
         (
             ["--mode", "job", "--stage", "deploy"],
-            "stage: got 'deploy'; allowed stages: data, train, finetune",
+            "stage: got 'deploy'; allowed stages: tokens, pretrain, finetune",
         ),
         (["--set", "k8s.storage.create_pvc=false"], "cluster.storage_path: got 'runs'"),
         (["--set", "cluster.storage_path=/data/runs"], "must be under k8s.storage.mount_path"),
@@ -194,8 +195,9 @@ def test_release_names_are_dns1035_labels(run_file: Path) -> None:
 
 
 def test_stage_entrypoint_contract() -> None:
-    assert entrypoint("train", "run.yaml") == "python -m jobs.pretrain --config run.yaml"
-    with pytest.raises(ValueError, match="allowed stages: data, train, finetune, eval, export"):
+    assert entrypoint("pretrain", "run.yaml") == "python -m cluster.run_stage pretrain --config run.yaml"
+    for alias, stage in STAGE_ALIASES.items():  # the names the CLI always accepted run the same stage
+        assert entrypoint(alias, "run.yaml") == entrypoint(stage, "run.yaml")
+    with pytest.raises(ValueError, match="allowed stages: tokens, pretrain, finetune, eval, export"):
         entrypoint("deploy", "run.yaml")
-    missing = [m for m in STAGE_MODULES.values() if importlib.util.find_spec(m) is None]
-    assert missing == [], "a RayJob would run a module that does not exist"
+    assert importlib.util.find_spec(RUNNER_MODULE), "a RayJob would run a module that does not exist"
