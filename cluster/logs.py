@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
+
+from data_pipelines.layout import RunLayout
 
 VERBOSE_ENV = "RAYLM_VERBOSE"
 
@@ -39,7 +40,7 @@ def set_verbose(flag: bool) -> bool:
 def log_file_for(run_dir: str, command: str) -> Path:
     """`<run>/logs/<command>-<time>.log`; a remote run folder (s3://…) keeps its log in the temp folder."""
     base = Path(run_dir) if "://" not in run_dir else Path("/tmp") / "raylm-logs" / Path(run_dir).name
-    return base / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return RunLayout(base).log_file(command)
 
 
 @dataclass

@@ -9,20 +9,26 @@ never appear in it: only where the key file is.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.config import RunConfig, dump_config
+from cluster.deploy import SERVE_APP_NAME
+from data_pipelines.layout import RunLayout, Stage
 
-CURVES = (("pretrain", "Pretraining"), ("finetune", "Fine-tuning"))
+if TYPE_CHECKING:
+    from cluster.pipeline import PipelineResult
+
+CURVES = ((Stage.PRETRAIN, "Pretraining"), (Stage.FINETUNE, "Fine-tuning"))
 
 
 def _data_section(cfg: RunConfig, run_dir: Path) -> list[str]:
     from data_pipelines.pipeline import shards_dir_of
 
     lines = ["## Data", ""]
-    inputs_file = run_dir / "data" / "inputs.json"
+    inputs_file = RunLayout(run_dir).inputs_record
     if inputs_file.is_file():
         inputs = json.loads(inputs_file.read_text())
         source = (
@@ -42,7 +48,7 @@ def _data_section(cfg: RunConfig, run_dir: Path) -> list[str]:
         ]
     else:
         lines += ["- tokens: streamed into pretraining (data.mode: stream); see the pretraining metrics"]
-    tok = run_dir / "stages" / "tokenizer.json"
+    tok = RunLayout(run_dir).stage_record(Stage.TOKENIZER)
     if tok.is_file():
         detail = json.loads(tok.read_text()).get("detail", {})
         if detail:
@@ -56,7 +62,7 @@ def _curves_section(run_dir: Path) -> list[str]:
     lines = ["## Loss curves", ""]
     found = False
     for stage, title in CURVES:
-        png = run_dir / stage / "loss_curve.png"
+        png = RunLayout(run_dir).stage_dir(stage) / "loss_curve.png"
         if png.is_file():
             lines += [f"**{title}**", "", f"![{title} loss]({stage}/loss_curve.png)", ""]
             found = True
@@ -64,7 +70,7 @@ def _curves_section(run_dir: Path) -> list[str]:
 
 
 def _eval_section(run_dir: Path) -> list[str]:
-    md = run_dir / "eval" / "results.md"
+    md = RunLayout(run_dir).eval_dir / "results.md"
     if not md.is_file():
         return ["## Evaluation", "", "(not evaluated)", ""]
     body = md.read_text().split("\n", 2)[-1].strip()  # drop the file's own title
@@ -78,8 +84,6 @@ def _endpoint_section(cfg: RunConfig, result: Any) -> list[str]:
         lines += [f"- evaluation gate: {result.gate.removeprefix('evaluation gate: ')}"]
     if ep is None:
         return lines + ["- not deployed", ""]
-    from cluster.pipeline import endpoint_lifetime
-
     lines += [
         f"- OpenAI-compatible base URL: `{ep.base_url}` (model `{ep.model}`)",
         f"- API key: {ep.key_source}",
@@ -126,6 +130,33 @@ def write_report(cfg: RunConfig, result: Any) -> Path:
     lines += _eval_section(run_dir)
     lines += _endpoint_section(cfg, result)
     lines += ["## Configuration", "", "```yaml", dump_config(cfg).rstrip(), "```", ""]
-    out = run_dir / "report.md"
+    out = RunLayout(run_dir).report
     out.write_text("\n".join(lines))
     return out
+
+
+def endpoint_lifetime(result: PipelineResult) -> list[str]:
+    """Plain sentences for the terminal and report.md: does the endpoint outlive the command, and
+    which command brings it back. Commands are in backticks."""
+    ep = result.endpoint
+    if ep is None:
+        return []
+    args = result.invocation.config_args
+    serve_args = [*args, "--set", f"serve.api_key_file={ep.key_file}"] if ep.key_file else args
+    again = f"`{shlex.join(['raylm', 'serve', *serve_args])}`"
+    chat = f"`{shlex.join(['raylm', 'chat', *args])}`"
+    if not result.embedded:
+        return [
+            f"The endpoint {ep.base_url} keeps running on the Ray cluster this command joined "
+            f"(Serve application `{SERVE_APP_NAME}`); chat with it: "
+            f"`raylm chat --base-url {ep.base_url}`.",
+        ]
+    if result.invocation.keep_serving:
+        when = "was served until the command was interrupted (--keep-serving), then stopped with it"
+    else:
+        when = "stopped when the command ended"
+    return [
+        f"The endpoint {ep.base_url} ran on this command's embedded Ray and {when}.",
+        f"Bring it back: {again}; or chat with the model: {chat} (it starts its own endpoint).",
+        f"To keep it up after the pipeline: `{shlex.join(['raylm', 'pipeline', *args])} --keep-serving`.",
+    ]

@@ -87,10 +87,6 @@ class RunLayout:
         return self.root / "data" / "inputs.json"
 
     @property
-    def shards(self) -> Path:
-        return self.root / "data" / "shards"
-
-    @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 

@@ -34,6 +34,7 @@ from data_pipelines.cleaning import clean_batch, training_documents
 from data_pipelines.config import DataConfig, TokenizerConfig
 from data_pipelines.dedup import DedupIndex
 from data_pipelines.demo_corpus import write_demo_corpus
+from data_pipelines.layout import RunLayout
 from data_pipelines.packing import pack_ranges
 from data_pipelines.readers import InputFile, list_inputs, object_store_env, plan_reads, read_ranges_udf
 from data_pipelines.shards import (
@@ -97,7 +98,7 @@ def local_dir(run_dir: str, what: str) -> Path:
 def resolve_corpus(data: DataConfig, run_dir: str) -> tuple[DataConfig, list[InputFile]]:
     """The effective data config and its input files; `paths == []` means the built-in demo corpus."""
     if not data.paths:
-        demo = write_demo_corpus(data.demo, local_dir(run_dir, "the demo corpus") / "data" / "demo")
+        demo = write_demo_corpus(data.demo, RunLayout(local_dir(run_dir, "the demo corpus")).demo_corpus)
         data = data.model_copy(update={"paths": [str(demo.corpus)], "format": "jsonl", "text_field": "text"})
     return data, list_inputs(data.paths, data.format)
 
@@ -199,7 +200,7 @@ def ensure_plan_tokenizer(plan: CorpusPlan, tok: TokenizerConfig, run_dir: str) 
                 f"tokenizer.path: {tok.path} has no tokenizer.json (a transformers folder)"
             )
         return tok.path
-    out = local_dir(run_dir, "training a tokenizer") / "tokenizer"
+    out = RunLayout(local_dir(run_dir, "training a tokenizer")).tokenizer
     stamp = out / TOKENIZER_STAMP
     want = {"tokenizer": tok.model_dump(mode="json", exclude={"path"}), "corpus": plan.hash}
     if stamp.is_file() and (out / "tokenizer.json").is_file():

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data_pipelines.layout import RunLayout
+from data_pipelines.layout import EXPORT_NAMES, RunLayout
 from jobs.config import EvalConfig, RunSections
 from jobs.sft_data import eval_pair_paths, load_records, pair_of, stop_token_ids
 
-MODEL_NAMES = ("pretrained", "finetuned")
+MODEL_NAMES = tuple(reversed(EXPORT_NAMES))  # before fine-tuning, then after
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 

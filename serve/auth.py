@@ -19,15 +19,24 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_key_digests(cfg: ServeConfig) -> list[str]:
-    """Digests of the keys in `$api_keys_env` (comma-separated) and `api_key_file` (one per line)."""
+def load_keys(cfg: ServeConfig) -> list[str]:
+    """The keys in `$api_keys_env` (comma-separated), then `api_key_file` (one per line, `#` comments).
+
+    The driver needs them in clear only to hand one to its own smoke client; everything else keeps
+    digests.
+    """
     keys = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",")]
     if cfg.api_key_file:
         path = Path(cfg.api_key_file).expanduser()
         if not path.is_file():
             raise ValueError(f"serve.api_key_file {path} does not exist")  # a typo must not pass silently
         keys += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return sorted({digest(k) for k in keys if k and not k.startswith("#")})
+    return [k for k in keys if k and not k.startswith("#")]
+
+
+def load_key_digests(cfg: ServeConfig) -> list[str]:
+    """Digests of the keys `load_keys` reads."""
+    return sorted({digest(k) for k in load_keys(cfg)})
 
 
 def bearer_ok(authorization: str | None, digests: list[str]) -> bool:

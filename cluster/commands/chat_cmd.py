@@ -186,7 +186,7 @@ def run_key(cfg: RunConfig) -> str | None:
     `raylm pipeline` generated into the run folder."""
     keys = [k.strip() for k in os.environ.get(cfg.serve.api_keys_env, "").split(",") if k.strip()]
     files = [Path(f).expanduser() for f in (cfg.serve.api_key_file,) if f]
-    files.append(Path(cfg.run_dir()) / "serve" / "api_key")
+    files.append(cfg.layout().serve_key)
     for path in files:
         if path.is_file():
             keys += [k.strip() for k in path.read_text().splitlines() if k.strip() and not k.startswith("#")]
@@ -214,10 +214,11 @@ def serve_for_session(cfg: RunConfig, folder: Path, log_dir: str) -> ChatEndpoin
     import ray
     from ray import serve
 
+    from cluster.deploy import deploy
     from cluster.local_cluster import free_port
     from cluster.local_ray import ensure_ray
     from cluster.logs import library_output_to, log_file_for, verbose
-    from cluster.pipeline import deploy, with_absolute_storage
+    from cluster.pipeline import with_absolute_storage
     from cluster.progress import StageDisplay
 
     cfg = with_absolute_storage(cfg)
@@ -260,7 +261,8 @@ def serve_for_session(cfg: RunConfig, folder: Path, log_dir: str) -> ChatEndpoin
 def open_endpoint(target: Path, overrides: list[str] | None, api_key: str | None) -> ChatEndpoint:
     import tempfile
 
-    from cluster.pipeline import PipelineError, deploy_model
+    from cluster.deploy import deploy_model
+    from cluster.stage_cache import PipelineError
 
     if target.is_dir():
         if not (target / "config.json").is_file():

@@ -14,7 +14,8 @@ from data_pipelines.layout import Stage
 
 if TYPE_CHECKING:
     from cluster.config import RunConfig
-    from cluster.pipeline import Endpoint, Invocation
+    from cluster.deploy import Endpoint
+    from cluster.pipeline import Invocation
 
 KeepServing = Annotated[
     bool,
@@ -76,7 +77,8 @@ def _disconnect_ray() -> None:
 
 
 def _run(cfg: RunConfig, invocation: Invocation, log_path: Path | None) -> None:
-    from cluster.pipeline import EXIT_GATE, GateError, PipelineError, endpoint_lifetime, run_pipeline
+    from cluster.pipeline import EXIT_GATE, GateError, PipelineError, run_pipeline
+    from cluster.report import endpoint_lifetime
     from cluster.run_stage import user_errors
 
     report = f"{cfg.run_dir()}/report.md"

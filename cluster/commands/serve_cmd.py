@@ -18,6 +18,7 @@ import typer
 from cluster.commands._common import SetOpt, console, fail, load_or_exit
 from cluster.config import RunConfig
 from cluster.model_folder import check_model_folder
+from data_pipelines.layout import EXPORT_NAMES
 
 APP_NAME = "raylm"
 
@@ -34,8 +35,8 @@ def resolve(target: Path, overrides: list[str] | None) -> tuple[RunConfig, Path]
     cfg = load_or_exit(target, overrides)
     if cfg.serve.model_path:
         return cfg, Path(cfg.serve.model_path)
-    for name in ("finetuned", "pretrained"):
-        folder = Path(cfg.run_dir()) / "export" / name
+    for name in EXPORT_NAMES:
+        folder = cfg.layout().export(name)
         if (folder / "config.json").is_file():
             return cfg, folder
     fail(f"nothing to serve: serve.model_path is unset and {cfg.run_dir()}/export has no exported model")
