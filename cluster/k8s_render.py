@@ -152,19 +152,22 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = Stage.PRETRAIN) -> dict
         except ValueError:
             raise ConfigError(f"stage: got {stage!r}; allowed stages: {', '.join(STAGE_NAMES)}") from None
     pod_cfg = pod_config(cfg)
-    k = cfg.k8s
-    serve = {key: v for key, v in cfg.serve.model_dump(mode="json").items() if v is not None}
-    serve["model_path"] = model_path(pod_cfg)
-    runtime_env: dict[str, Any] = {}
-    if cfg.cluster.env_vars:
-        runtime_env["env_vars"] = dict(cfg.cluster.env_vars)
-    if cfg.cluster.pip:
-        runtime_env["pip"] = list(cfg.cluster.pip)
-    gcs = k.gcs_fault_tolerance
-    up = k.upgrade_strategy
     return {
         "mode": mode,
         "nameOverride": release_name(cfg, mode, stage),
+        **_pod_values(cfg),
+        "runConfig": dump_config(pod_cfg),
+        "configMountPath": cfg.k8s.config_mount_path,
+        **_cluster_values(cfg),
+        **_job_values(cfg, stage),
+        **_endpoint_values(cfg, pod_cfg),
+    }
+
+
+def _pod_values(cfg: RunConfig) -> dict[str, Any]:
+    """What every pod carries: image, identity, scheduling and security settings."""
+    k = cfg.k8s
+    return {
         "labels": dict(k.labels),
         "rayVersion": k.ray_version,
         "image": {"repository": k.image.repository, "tag": k.image.tag, "pullPolicy": k.image.pull_policy},
@@ -191,8 +194,14 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = Stage.PRETRAIN) -> dict
             "fsGroup": k.security.fs_group,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "runConfig": dump_config(pod_cfg),
-        "configMountPath": k.config_mount_path,
+    }
+
+
+def _cluster_values(cfg: RunConfig) -> dict[str, Any]:
+    """The Ray cluster: head, worker groups, autoscaler, shared storage, GCS fault tolerance."""
+    k = cfg.k8s
+    gcs = k.gcs_fault_tolerance
+    return {
         "head": {"resources": _resources(k.head.resources), **_pod_options(k.head)},
         "workerGroups": [
             {
@@ -230,7 +239,18 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = Stage.PRETRAIN) -> dict
             "redisUsernameSecret": _secret(gcs.redis_username_secret),
             "externalStorageNamespace": gcs.external_storage_namespace or "",
         },
-        "apiKeySecret": {**_secret(k.api_key_secret), "env": cfg.serve.api_keys_env},
+    }
+
+
+def _job_values(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The RayJob: the stage runner's command and the job's lifecycle."""
+    k = cfg.k8s
+    runtime_env: dict[str, Any] = {}
+    if cfg.cluster.env_vars:
+        runtime_env["env_vars"] = dict(cfg.cluster.env_vars)
+    if cfg.cluster.pip:
+        runtime_env["pip"] = list(cfg.cluster.pip)
+    return {
         "stageRunner": RUNNER_MODULE,
         "stages": [str(s) for s in RUNNABLE_STAGES],
         "job": {
@@ -245,6 +265,17 @@ def chart_values(cfg: RunConfig, mode: str, stage: str = Stage.PRETRAIN) -> dict
             "runtimeEnv": runtime_env,
             **({"deletionStrategy": k.job.deletion_strategy} if k.job.deletion_strategy else {}),
         },
+    }
+
+
+def _endpoint_values(cfg: RunConfig, pod_cfg: RunConfig) -> dict[str, Any]:
+    """The RayService: the Serve app, its API-key Secret, upgrades and how clients reach it."""
+    k = cfg.k8s
+    serve = {key: v for key, v in cfg.serve.model_dump(mode="json").items() if v is not None}
+    serve["model_path"] = model_path(pod_cfg)
+    up = k.upgrade_strategy
+    return {
+        "apiKeySecret": {**_secret(k.api_key_secret), "env": cfg.serve.api_keys_env},
         "serve": serve,
         "serveDeployments": app_deployments(cfg.serve),
         "upgradeStrategy": {

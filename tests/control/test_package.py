@@ -95,7 +95,7 @@ def test_runtime_env_carries_pip_env_vars_and_package() -> None:
 
 def test_submission_id_is_deterministic_per_stage_config_and_code() -> None:
     a, b = load_config(None, []), load_config(None, ["train.lr=3e-4"])
-    ep = "python -m jobs.pretrain --config raylm_run.yaml"
+    ep = "python -m cluster.run_stage pretrain --config raylm_run.yaml"
     first = submission_base_id("train", ep, config_hash(a), "code1", "demo")
     assert first == submission_base_id("train", ep, config_hash(a), "code1", "demo")
     assert first.startswith("raylm-train-demo-")
