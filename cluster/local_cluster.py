@@ -75,8 +75,8 @@ def node_env(address: str) -> dict[str, str]:
     """Environment of the Ray processes we start for the cluster at `address`.
 
     - token auth on;
-    - `python` is this interpreter: job entrypoints are shell commands (`python -m jobs.pretrain`) run
-      with the raylets' PATH, so this interpreter's bin dir goes first, whether or not the user
+    - `python` is this interpreter: job entrypoints are shell commands (`python -m cluster.run_stage
+      pretrain`) run with the raylets' PATH, so this interpreter's bin dir goes first, whether or not the user
       activated the virtualenv;
     - RAY_ADDRESS is this cluster: processes Ray starts inherit it, and some of Ray's own (Ray Train's
       PlacementGroupCleaner) call `ray.init()` with no address, which fails with "Found multiple

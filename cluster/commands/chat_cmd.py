@@ -184,12 +184,14 @@ class ChatEndpoint:
 def run_key(cfg: RunConfig) -> str | None:
     """A key the run's endpoint accepts: configured ($RAYLM_API_KEYS, serve.api_key_file) or the one
     `raylm pipeline` generated into the run folder."""
-    keys = [k.strip() for k in os.environ.get(cfg.serve.api_keys_env, "").split(",") if k.strip()]
-    files = [Path(f).expanduser() for f in (cfg.serve.api_key_file,) if f]
-    files.append(cfg.layout().serve_key)
-    for path in files:
-        if path.is_file():
-            keys += [k.strip() for k in path.read_text().splitlines() if k.strip() and not k.startswith("#")]
+    from serve.auth import load_keys
+
+    configured = cfg.serve
+    if configured.api_key_file and not Path(configured.api_key_file).expanduser().is_file():
+        configured = configured.model_copy(update={"api_key_file": None})  # only looking for a key here
+    keys = load_keys(configured)
+    if cfg.layout().serve_key.is_file():
+        keys += load_keys(configured.model_copy(update={"api_key_file": str(cfg.layout().serve_key)}))
     return keys[0] if keys else None
 
 

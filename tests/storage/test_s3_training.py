@@ -21,7 +21,7 @@ SEQ_LEN = 64
 
 
 def _pretrain(run_file: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "jobs.pretrain", "--config", str(run_file), *args]
+    cmd = [sys.executable, "-m", "cluster.run_stage", "pretrain", "--config", str(run_file), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
