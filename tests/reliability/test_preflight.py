@@ -357,3 +357,28 @@ def test_submit_refuses_a_job_the_cluster_cannot_hold_before_uploading(ray_clust
     )  # fmt: skip
     assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}", "the cluster has 1 node(s) (8 CPU")
     assert {j.submission_id for j in JobsClient(ray_cluster.dashboard_url).list()} == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cluster/commands/submit_cmd.py skips check_fits when cluster.autoscaler is truthy, and the "
+    "default 'auto' is: its guard must read `cfg.cluster.autoscaler is not True` (integrator's change)",
+)
+def test_submit_refuses_on_the_default_autoscaler_setting(ray_cluster) -> None:
+    """A submitted job runs `jobs.*` directly (no preflight of its own), so `auto` must refuse before
+    uploading too: the Jobs API shows no autoscaler, so only `cluster.autoscaler: true` skips this."""
+    from cluster.jobs_client import JobsClient
+
+    client = JobsClient(ray_cluster.dashboard_url)
+    before = {j.submission_id for j in client.list()}
+    try:
+        res = raylm(
+            "submit", "train", str(TINY_TRAIN), "--address", ray_cluster.dashboard_url, "--no-wait",
+            "--set", "train.num_workers=64", "--set", "train.cpus_per_worker=1",
+            join=True,
+        )  # fmt: skip
+    finally:  # a job that got through would wait forever on the shared cluster: stop it
+        for job in client.list():
+            if job.submission_id not in before:
+                client.stop(job.submission_id)
+    assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}")
