@@ -51,10 +51,11 @@ class ClusterConfig(BaseModel):
     )
     entrypoint_num_cpus: float = Field(0, ge=0)
     entrypoint_num_gpus: float = Field(0, ge=0)
-    autoscaler: bool = Field(
-        False,
-        description="the cluster adds nodes on demand (KubeRay autoscaling): wait for resources up to "
-        "resource_wait_timeout_s instead of failing at once",
+    autoscaler: typing.Literal["auto", True, False] = Field(
+        "auto",
+        description="the cluster adds nodes on demand (KubeRay autoscaling), so wait for resources up to "
+        "resource_wait_timeout_s instead of failing at once: auto (ask the cluster's autoscaler state; "
+        "embedded Ray has none), true or false (override)",
     )
     resource_wait_timeout_s: float = Field(
         600, gt=0, description="with an autoscaler: how long to wait for nodes before giving up"

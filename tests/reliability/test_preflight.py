@@ -9,19 +9,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from io import StringIO
 from pathlib import Path
 
 import psutil
 import pytest
+from rich.console import Console
 
 from cluster.config import load_config
 from cluster.model_folder import ModelFolderError, check_model_folder
-from cluster.preflight import estimate_memory, place, stage_demand
+from cluster.preflight import (
+    PreflightError,
+    autoscaler_node_types,
+    check_capacity,
+    estimate_memory,
+    has_autoscaler,
+    node_types_in_status,
+    place,
+    preflight,
+    provisions_nodes,
+    read_estimate,
+    stage_demand,
+)
 from tests.serve.conftest import free_port
 
 RAYLM = str(Path(sys.executable).with_name("raylm"))
@@ -97,19 +113,99 @@ def test_impossible_train_request_fails_at_once_on_embedded_ray(ray_tmp: Path) -
         ray_tmp=ray_tmp,
     )  # fmt: skip
     assert_one_line_failure(
-        res, 2, "asked train: 16 x {CPU: 1}", "the cluster has 1 node(s) (2 CPU", "Change train.num_workers"
-    )
+        res, 2, "asked train: 16 x {CPU: 1}", "the cluster has 1 node(s) (2 CPU", "Change train.num_workers",
+        "cluster.autoscaler: true",
+    )  # fmt: skip
     assert not leftover_ray_processes(ray_tmp)
 
 
-def test_autoscaler_wait_ends_at_resource_wait_timeout(ray_cluster) -> None:
+# ---- autoscaler: detected, or set ---------------------------------------------------------------
+def test_local_cluster_reports_no_autoscaler_and_the_setting_overrides(ray_cluster) -> None:
+    """The session cluster's head runs Ray's monitor in read-only mode: it reports each node as
+    `node_<id>` and can add none, so `auto` means fail fast; true/false override the detection."""
+    deadline = time.monotonic() + 60
+    while not (types := autoscaler_node_types()) and time.monotonic() < deadline:
+        time.sleep(1)  # the monitor writes its first report a few seconds after the head starts
+    import ray
+
+    alive = {f"node_{n['NodeID']}" for n in ray.nodes() if n["Alive"]}
+    assert types and types <= alive | {f"node_{n['NodeID']}" for n in ray.nodes()}, (types, alive)
+    assert not provisions_nodes(types)
+    assert os.environ.get("RAY_ADDRESS")  # joined, so `auto` asks the cluster
+    assert has_autoscaler(load_config(None)) is False
+    assert has_autoscaler(load_config(None, ["cluster.autoscaler=true"])) is True
+    assert has_autoscaler(load_config(None, ["cluster.autoscaler=false"])) is False
+
+
+def test_fake_kuberay_autoscaler_status_is_detected() -> None:
+    """An autoscaler v1 status shaped like KubeRay's in-tree autoscaler writes it (node types are the
+    RayCluster's head and worker groups); a real one cannot run here, hence the fake."""
+    kuberay = {
+        "autoscaler_report": {
+            "active_nodes": {"headgroup": 1, "cpu-workers": 1},
+            "idle_nodes": {},
+            "pending_nodes": [["10.0.0.7", "cpu-workers", "STARTING"]],
+            "pending_launches": {"cpu-workers": 2},
+            "failed_nodes": [],
+            "node_type_mapping": {"10.0.0.5": "headgroup"},
+        }
+    }
+    assert node_types_in_status(kuberay) == {"headgroup", "cpu-workers"}
+    assert provisions_nodes(node_types_in_status(kuberay))
+    readonly = {"autoscaler_report": {"active_nodes": {"node_" + "ab" * 28: 1}, "pending_nodes": []}}
+    assert not provisions_nodes(node_types_in_status(readonly))
+    assert not provisions_nodes(node_types_in_status({"load_metrics_report": {}}))  # no report yet
+
+
+def test_autoscaler_setting_error_names_field_and_values() -> None:
+    from cluster.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["cluster.autoscaler=sometimes"])
+    assert "cluster.autoscaler" in str(err.value) and "'auto', True or False" in str(err.value)
+
+
+def test_autoscaler_wait_names_what_it_waits_for_and_ends(ray_cluster) -> None:
+    out = StringIO()
+    console = Console(file=out, force_terminal=True, width=400)
+    cfg = load_config(
+        None,
+        ["cluster.autoscaler=true", "cluster.resource_wait_timeout_s=3", "train.num_workers=64",
+         "train.cpus_per_worker=1"],
+    )  # fmt: skip
+    with pytest.raises(PreflightError) as err:
+        check_capacity(cfg, "train", console)
+    assert re.search(r"after waiting \d+ s \(cluster.resource_wait_timeout_s\)", str(err.value)), err.value
+    shown = out.getvalue()
+    assert "waiting for the autoscaler to add nodes for train: 64 x {CPU: 1}" in shown, shown[-2000:]
+    assert "cluster.resource_wait_timeout_s" in shown
+
+
+def test_autoscaler_wait_ends_at_resource_wait_timeout(ray_tmp: Path) -> None:
+    """The real command on an embedded Ray told it has an autoscaler: waits, then one line, exit 2."""
+    started = time.monotonic()
     big = raylm(
         "train", str(TINY_TRAIN),
         "--set", "cluster.autoscaler=true", "--set", "cluster.resource_wait_timeout_s=3",
         "--set", "train.num_workers=64", "--set", "train.cpus_per_worker=1",
+        "--set", "cluster.local_num_cpus=2",
+        ray_tmp=ray_tmp, timeout=240,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert_one_line_failure(big, 2, "after waiting", "cluster.resource_wait_timeout_s", "64 x {CPU: 1}")
+    assert elapsed >= 3  # it waited for the autoscaler; the subprocess timeout bounds it above
+    assert not leftover_ray_processes(ray_tmp)
+
+
+def test_joined_cluster_without_autoscaler_fails_at_once_on_auto(ray_cluster) -> None:
+    res = raylm(
+        "train", str(TINY_TRAIN),
+        "--set", "train.num_workers=64", "--set", "train.cpus_per_worker=1",
+        "--set", "cluster.autoscaler=auto",
         join=True,
     )  # fmt: skip
-    assert_one_line_failure(big, 2, "after waiting", "cluster.resource_wait_timeout_s", "64 x {CPU: 1}")
+    line = assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}", "cluster.autoscaler: true")
+    assert "after waiting" not in line
 
 
 # ---- memory -----------------------------------------------------------------------------------------
@@ -128,10 +224,50 @@ def test_memory_estimate_follows_zero_stage_offload_and_micro_batch() -> None:
     assert big_batch.activations_per_worker > 3 * z3.activations_per_worker
 
 
+def test_finetune_estimate_counts_lora_adapters_as_the_only_trainable_weights() -> None:
+    nodes = [{"CPU": 8.0, "memory": 64 * 2**30}]
+    base = ["model.hidden_size=512", "model.num_layers=8", "model.intermediate_size=1376"]
+    base.append("train.zero_stage=2")
+    full = estimate_memory(load_config(None, base), 2, nodes, "finetune")
+    lora_cfg = load_config(None, [*base, "finetune.method=lora", "finetune.lora_r=8"])
+    lora = estimate_memory(lora_cfg, 2, nodes, "finetune")
+    assert full.trainable == full.params and full.stage == "finetune"
+    # r·(in + out) for q, k, v, o of 8 layers at hidden 512 (4 heads of 128 -> k/v as wide as q)
+    assert lora.trainable == 8 * 4 * 8 * (512 + 512), lora.trainable
+    assert lora.params == full.params + lora.trainable
+    assert lora.states_per_worker < full.states_per_worker  # no optimizer state for the frozen base
+    longer = estimate_memory(load_config(None, [*base, "finetune.max_seq_len=1024"]), 2, nodes, "finetune")
+    assert longer.activations_per_worker > full.activations_per_worker
+
+
+def test_training_estimate_is_written_to_the_run_folder(ray_cluster, tmp_path: Path) -> None:
+    cfg = load_config(
+        TINY_TRAIN, [f"cluster.storage_path={tmp_path}", "finetune.method=lora", "finetune.num_workers=1"]
+    )
+    out = StringIO()
+    est = preflight(cfg, "finetune", Console(file=out))
+    assert est is not None and "memory estimate (finetune)" in out.getvalue()
+    written = tmp_path / "tiny-cpu" / "preflight" / "memory_finetune.json"
+    assert json.loads(written.read_text())["per_node"] == est.per_node
+    assert read_estimate(cfg, "finetune") == est
+    assert "\n" not in est.short() and "/node of" in est.short() and "trainable" in est.short()
+
+
 def test_training_that_exceeds_node_memory_is_refused(ray_cluster) -> None:
     res = raylm("train", str(TINY_TRAIN), "--set", "cluster.node_memory_gb=0.01", join=True)
     assert_one_line_failure(res, 2, "per node", "cluster.node_memory_gb", "train.micro_batch_size")
     assert "memory estimate" in res.stderr and "activations" in res.stderr
+
+
+def test_finetune_that_exceeds_node_memory_is_refused(ray_cluster, tmp_path: Path) -> None:
+    res = raylm(
+        "finetune", str(TINY_TRAIN), "--set", "cluster.node_memory_gb=0.01", "--set", "finetune.method=lora",
+        "--set", f"cluster.storage_path={tmp_path}",
+        join=True,
+    )  # fmt: skip
+    assert_one_line_failure(res, 2, "per node", "cluster.node_memory_gb", "finetune.micro_batch_size")
+    assert "memory estimate (finetune)" in res.stderr and "trainable" in res.stderr
+    assert not (tmp_path / "tiny-cpu" / "finetune").exists()  # refused before any work
 
 
 # ---- model folders ----------------------------------------------------------------------------------
@@ -216,7 +352,33 @@ def test_submit_refuses_a_job_the_cluster_cannot_hold_before_uploading(ray_clust
     res = raylm(
         "submit", "train", str(TINY_TRAIN), "--address", ray_cluster.dashboard_url,
         "--set", "train.num_workers=64", "--set", "train.cpus_per_worker=1",
+        "--set", "cluster.autoscaler=false",  # a submitted job decides `auto` on the cluster itself
         join=True,
     )  # fmt: skip
     assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}", "the cluster has 1 node(s) (8 CPU")
     assert {j.submission_id for j in JobsClient(ray_cluster.dashboard_url).list()} == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cluster/commands/submit_cmd.py skips check_fits when cluster.autoscaler is truthy, and the "
+    "default 'auto' is: its guard must read `cfg.cluster.autoscaler is not True` (integrator's change)",
+)
+def test_submit_refuses_on_the_default_autoscaler_setting(ray_cluster) -> None:
+    """A submitted job runs `jobs.*` directly (no preflight of its own), so `auto` must refuse before
+    uploading too: the Jobs API shows no autoscaler, so only `cluster.autoscaler: true` skips this."""
+    from cluster.jobs_client import JobsClient
+
+    client = JobsClient(ray_cluster.dashboard_url)
+    before = {j.submission_id for j in client.list()}
+    try:
+        res = raylm(
+            "submit", "train", str(TINY_TRAIN), "--address", ray_cluster.dashboard_url, "--no-wait",
+            "--set", "train.num_workers=64", "--set", "train.cpus_per_worker=1",
+            join=True,
+        )  # fmt: skip
+    finally:  # a job that got through would wait forever on the shared cluster: stop it
+        for job in client.list():
+            if job.submission_id not in before:
+                client.stop(job.submission_id)
+    assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}")
