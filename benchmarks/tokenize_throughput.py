@@ -182,6 +182,27 @@ def _role(title: str) -> str:
     return os.path.basename(title.split(" ")[0]) or "other"
 
 
+def parallelism(tasks: int) -> str:
+    """How each side spreads over the cores (the same for both: every core, one thread each).
+
+    Plain: one process, `encode_batch_fast` on the Rust Rayon pool, RAYON_NUM_THREADS threads
+    (default: one per core). Pipeline: `--tasks` range tasks at once (default: one per core), each
+    encoding on its own thread (TOKENIZERS_PARALLELISM=false inside the task, see
+    `packing._serial_tokenizers`), so both sides run one tokenising thread per core. (The embedded
+    cluster advertises twice the cores as CPUs; `--tasks 0` uses them all and oversubscribes.)
+    """
+    import ray
+
+    threads = os.environ.get("RAYON_NUM_THREADS") or f"unset = {os.cpu_count()} cores"
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return (
+        f"parallelism: plain = 1 process x Rayon threads (RAYON_NUM_THREADS {threads}, "
+        f"TOKENIZERS_PARALLELISM {os.environ.get('TOKENIZERS_PARALLELISM', 'unset = true')}); "
+        f"pipeline = {tasks or cpus} range tasks x 1 thread (TOKENIZERS_PARALLELISM=false in each; "
+        f"the cluster has {cpus} CPUs)"
+    )
+
+
 def bench_config(corpus: Path, tasks: int, batch_size: int):
     from data_pipelines.config import DataConfig
 
@@ -262,7 +283,13 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (default 50)")
     parser.add_argument("--files", type=int, default=16, help="number of corpus files")
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain/pipeline rounds")
-    parser.add_argument("--tasks", type=int, default=0, help="cap on concurrent tasks (0 = one per CPU)")
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=os.cpu_count(),
+        help="concurrent range tasks (default: one per core, as many as the plain side's Rayon threads; "
+        "0 = the cluster's CPUs, which the embedded cluster sets to twice the cores)",
+    )
     parser.add_argument("--batch-size", type=int, default=2048, help="documents per batch (both sides)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
@@ -287,6 +314,7 @@ def main() -> None:
             f"corpus: {size / 1e6:.1f} MB in {len(paths)} files; tokenizer: BPE 4096; cpus: {os.cpu_count()}"
         )
         ensure_ray(ClusterConfig())
+        print(parallelism(args.tasks))
         for i in range(1, args.rounds + 1):
             plain_tokens, plain_s = plain(paths, tok_dir / "tokenizer.json", args.batch_size)
             with CpuMonitor() as monitor:
@@ -378,7 +406,8 @@ def report_serial_and_cpu(f: dict) -> None:
     print(
         f"largest dedup partition: {largest['entries']:,} hashes, table {largest['table_bytes'] / 2**20:.1f} "
         f"MiB, RSS {largest['rss_bytes'] / 2**20:.0f} MiB, peak RSS {largest['peak_rss_bytes'] / 2**20:.0f} "
-        f"MiB; larger corpora: <= {f['dedup_peak_entry_bytes']} B x unique documents / partitions "
+        "MiB; larger corpora: table 32-64 B x documents / partitions (sized once from the plan; "
+        f"<= {f['dedup_peak_entry_bytes']} B x unique documents / partitions while one doubles) "
         "+ the worker's base RSS"
     )
     print("\nCPU of the last pipeline round by process (share of all CPU seconds):")

@@ -14,8 +14,9 @@ The answer depends on the corpus and the plan alone, not on task timing, and rep
 again (a retried task, the next epoch, the val split reading the same ranges) changes nothing, so one
 set of partitions serves every execution of a dataset. No process sees every hash: a partition holds
 the unique documents of its share of the hash space in a numpy hash table (`FirstPositions`, no
-per-document Python), 32-64 bytes per unique document and up to `PEAK_ENTRY_BYTES` while the table
-doubles: `PEAK_ENTRY_BYTES × unique documents / partitions` plus one Ray worker's base memory.
+per-document Python), sized once for the first range's documents × the plan's ranges: 32-64 bytes
+per document of its share, and up to `PEAK_ENTRY_BYTES` per unique document at the moment a table
+sized too small doubles; plus one Ray worker's base memory.
 
 Step 2 waits only on ranges that were started earlier (Ray Data dispatches a dataset's blocks in
 order) and whose read + clean is a small part of their work, so the wait is short; a range that never
@@ -36,6 +37,7 @@ _RANGE_SHIFT = 32  # position = range index << 32 | document index within the ra
 _EMPTY = -1  # position of a free slot (real positions are >= 0)
 _CLAIMED = np.iinfo(np.int64).max  # a slot just taken, before its position is recorded
 _MAX_LOAD = 0.5  # entries per slot before the table doubles: probes stay ~1.5 slots long
+_MAX_FILL = 0.75  # a call that could take the table past this doubles it first (never full)
 _REHASH_SLOTS = 1 << 20  # old slots re-inserted per step of a resize (bounds its temporaries)
 
 
@@ -104,9 +106,13 @@ class FirstPositions:
     def record(self, hashes: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Lower each hash's stored position to `positions` where smaller; return their slots (valid
         until the next resize, see `generation`)."""
-        self.reserve(self.count + len(hashes))
+        if self.count + len(hashes) > len(self.table) * _MAX_FILL:  # room for all, even if all new
+            self.reserve(self.count + len(hashes))
         found = self.slots(hashes, claim=True)
         np.minimum.at(self.table[:, 1], found, positions)
+        if self.count > len(self.table) * _MAX_LOAD:  # grown by the hashes that were new
+            self.reserve(self.count)
+            found = self.slots(hashes, claim=False)
         return found
 
     def reserve(self, entries: int) -> None:

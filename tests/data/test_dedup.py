@@ -4,11 +4,14 @@ error when a partition is lost."""
 
 from __future__ import annotations
 
+import traceback
+
 import numpy as np
 import pytest
 import ray
 
 from data_pipelines.dedup import DedupIndex, DedupPartition, DedupPartitionLostError, FirstPositions
+from data_pipelines.pipeline import token_datasets
 
 
 def test_a_later_range_waits_for_earlier_ones_and_loses_to_them(ray_cluster):
@@ -65,3 +68,17 @@ def test_a_lost_partition_fails_the_range_with_what_to_change(ray_cluster):
     with pytest.raises(DedupPartitionLostError, match=r"data\.dedup_partitions = 2.*memory"):
         hashes = np.random.default_rng(2).integers(-(1 << 63), (1 << 63) - 1, 50, dtype=np.int64)
         index.first_occurrences(0, hashes, np.arange(50))
+
+
+def test_a_run_whose_partition_died_stops_with_that_error(
+    ray_cluster, broken_corpus, small_cfg, char_tok, tmp_path
+):
+    """Through Ray Data: the range tasks' error reaches the caller with its advice, and no blocks
+    computed without the lost hashes come out as if nothing happened."""
+    cfg = small_cfg.model_copy(update={"paths": [str(broken_corpus)], "dedup_partitions": 2})
+    td = token_datasets(cfg, char_tok, str(tmp_path / "run"))
+    ray.kill(td.dedup.actors[0])
+    with pytest.raises(Exception) as failure:  # noqa: PT011 - Ray Data wraps the task's error
+        td.train.materialize()
+    text = "".join(traceback.format_exception(failure.value))
+    assert "DedupPartitionLostError" in text and "data.dedup_partitions = 2" in text
