@@ -18,12 +18,12 @@ first import of the data modules in each worker; later rounds show the steady st
 ratio is the median over all rounds, cold one included; every round is in the JSON.
 
 Serial ceiling: what is left of the token path outside the parallel range tasks is the dedup
-partitions (each sees the documents of its share of the hash space) and the stats ledger (one call per
-range). Each is measured alone, fed as fast as Ray delivers calls, and turned into the tokens/s it
-keeps up with; divided by one core's serial tokenise rate, that is the number of cores it can feed.
-One partition must feed at least the CPUs it is sized for (`CPUS_PER_DEDUP_PARTITION`; partitions are
-added as the cluster grows), so the single process left is the ledger: its figure is the serial
-ceiling, the number of cores the design can feed before one process becomes the bottleneck.
+partitions (each sees the documents of its share of the hash space, one call per range) and the stats
+ledger (one call per range). Each is measured alone, fed as fast as Ray delivers calls of the size the
+range tasks send it, and turned into the tokens/s it keeps up with; divided by one core's serial
+tokenise rate, that is the number of cores it can feed. The smallest of these is the serial ceiling,
+the number of cores the design can feed before one process becomes the bottleneck (target >= 100).
+Memory: the largest dedup partition's table, resident and peak resident memory after the run.
 
 CPU shares: the CPU seconds of every process of the embedded Ray (and the driver) during the last
 pipeline round, by role (titles sampled while it runs), as a share of the total.
@@ -182,6 +182,27 @@ def _role(title: str) -> str:
     return os.path.basename(title.split(" ")[0]) or "other"
 
 
+def parallelism(tasks: int) -> str:
+    """How each side spreads over the cores (the same for both: every core, one thread each).
+
+    Plain: one process, `encode_batch_fast` on the Rust Rayon pool, RAYON_NUM_THREADS threads
+    (default: one per core). Pipeline: `--tasks` range tasks at once (default: one per core), each
+    encoding on its own thread (TOKENIZERS_PARALLELISM=false inside the task, see
+    `packing._serial_tokenizers`), so both sides run one tokenising thread per core. (The embedded
+    cluster advertises twice the cores as CPUs; `--tasks 0` uses them all and oversubscribes.)
+    """
+    import ray
+
+    threads = os.environ.get("RAYON_NUM_THREADS") or f"unset = {os.cpu_count()} cores"
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return (
+        f"parallelism: plain = 1 process x Rayon threads (RAYON_NUM_THREADS {threads}, "
+        f"TOKENIZERS_PARALLELISM {os.environ.get('TOKENIZERS_PARALLELISM', 'unset = true')}); "
+        f"pipeline = {tasks or cpus} range tasks x 1 thread (TOKENIZERS_PARALLELISM=false in each; "
+        f"the cluster has {cpus} CPUs)"
+    )
+
+
 def bench_config(corpus: Path, tasks: int, batch_size: int):
     from data_pipelines.config import DataConfig
 
@@ -212,7 +233,9 @@ def pipeline(
     return td.stats().tokens, elapsed, td
 
 
-def serial_parts(docs_per_range: float, tokens_per_doc: float, partitions: int, ranges: int = 200) -> dict:
+def serial_parts(
+    docs_per_range: float, tokens_per_doc: float, partitions: int, ranges: int = 200, repeats: int = 3
+) -> dict:
     """Tokens/s one dedup partition and the ledger each keep up with, measured alone, with the
     calls a range task makes to them (a partition gets 1/P of a range's hashes)."""
     import numpy as np
@@ -223,20 +246,20 @@ def serial_parts(docs_per_range: float, tokens_per_doc: float, partitions: int, 
 
     per_call = max(1, round(docs_per_range / partitions))
     rng = np.random.default_rng(0)
-    actor = DedupPartition.remote()
-    ray.get(actor.memory.remote())  # started
+    doc_index = np.arange(per_call, dtype=np.uint32)
     calls = [
-        (
-            i,
-            rng.integers(-(1 << 63), (1 << 63) - 1, per_call, dtype=np.int64),
-            np.arange(per_call) + (i << 32),
-        )
+        (i, rng.integers(-(1 << 63), (1 << 63) - 1, per_call, dtype=np.int64), doc_index)
         for i in range(ranges)
     ]
-    start = time.perf_counter()
-    ray.get([actor.first_occurrences.remote(i, h, p) for i, h, p in calls])
-    dedup_docs_s = ranges * per_call / (time.perf_counter() - start)
-    ray.kill(actor)
+    rates = []
+    for _ in range(repeats):  # a fresh partition each time; the median, as machines drift
+        actor = DedupPartition.remote(ranges)  # told the plan's range count, as the pipeline's are
+        ray.get(actor.memory.remote())  # started
+        start = time.perf_counter()
+        ray.get([actor.first_occurrences.remote(i, h, p) for i, h, p in calls])
+        rates.append(ranges * per_call / (time.perf_counter() - start))
+        ray.kill(actor)
+    dedup_docs_s = statistics.median(rates)
 
     ledger = new_ledger()
     counts = CorpusStats(documents_read=1, dropped={"duplicate": 1, "too_short": 2}).to_dict()
@@ -260,7 +283,13 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (default 50)")
     parser.add_argument("--files", type=int, default=16, help="number of corpus files")
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain/pipeline rounds")
-    parser.add_argument("--tasks", type=int, default=0, help="cap on concurrent tasks (0 = one per CPU)")
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=os.cpu_count(),
+        help="concurrent range tasks (default: one per core, as many as the plain side's Rayon threads; "
+        "0 = the cluster's CPUs, which the embedded cluster sets to twice the cores)",
+    )
     parser.add_argument("--batch-size", type=int, default=2048, help="documents per batch (both sides)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
@@ -268,7 +297,7 @@ def main() -> None:
     from cluster.config import ClusterConfig
     from cluster.local_ray import ensure_ray
     from data_pipelines.config import TokenizerConfig
-    from data_pipelines.dedup import ENTRY_BYTES
+    from data_pipelines.dedup import PEAK_ENTRY_BYTES
     from data_pipelines.pipeline import CPUS_PER_DEDUP_PARTITION
     from data_pipelines.readers import list_inputs, plan_reads
     from data_pipelines.tokenizer import train_tokenizer
@@ -285,6 +314,7 @@ def main() -> None:
             f"corpus: {size / 1e6:.1f} MB in {len(paths)} files; tokenizer: BPE 4096; cpus: {os.cpu_count()}"
         )
         ensure_ray(ClusterConfig())
+        print(parallelism(args.tasks))
         for i in range(1, args.rounds + 1):
             plain_tokens, plain_s = plain(paths, tok_dir / "tokenizer.json", args.batch_size)
             with CpuMonitor() as monitor:
@@ -333,10 +363,13 @@ def main() -> None:
         "one_core_tokens_per_s": round(core_rate),
         "serial_parts": parts,
         "dedup_partition_cores": round(parts["dedup_partition_tokens_per_s"] / core_rate, 1),
+        "ledger_cores": round(parts["ledger_tokens_per_s"] / core_rate, 1),
         "cpus_per_dedup_partition": CPUS_PER_DEDUP_PARTITION,
-        "serial_ceiling_cores": round(parts["ledger_tokens_per_s"] / core_rate, 1),
+        "serial_ceiling_cores": round(
+            min(parts["dedup_partition_tokens_per_s"], parts["ledger_tokens_per_s"]) / core_rate, 1
+        ),
         "dedup_partitions": partitions,
-        "dedup_entry_bytes": ENTRY_BYTES,
+        "dedup_peak_entry_bytes": PEAK_ENTRY_BYTES,
         "cpu_shares_last_round": cpu,
     }
     print(
@@ -354,24 +387,28 @@ def main() -> None:
 def report_serial_and_cpu(f: dict) -> None:
     parts, core = f["serial_parts"], f["one_core_tokens_per_s"]
     print(f"\none core tokenises {core:,} tok/s; {f['read_ranges']} read ranges")
-    enough = "enough" if f["dedup_partition_cores"] >= f["cpus_per_dedup_partition"] else "NOT enough"
+    print("serial / per-partition processes, each measured alone (cores = its tok/s / one core's):")
+    rows = [
+        ("one dedup partition", f"{parts['dedup_partition_docs_per_s']:,} docs/s",
+         parts["dedup_partition_tokens_per_s"], f["dedup_partition_cores"]),
+        ("stats ledger", f"{parts['ledger_ranges_per_s']:,} ranges/s",
+         parts["ledger_tokens_per_s"], f["ledger_cores"]),
+    ]
+    for name, calls, tokens, cores in rows:
+        verdict = "ok" if cores >= 100 else "BELOW 100"
+        print(f"  {name:<20} {calls:>18}  {tokens:>15,} tok/s  {cores:>8,} cores  {verdict}")
     print(
-        f"one dedup partition alone: {parts['dedup_partition_docs_per_s']:,} docs/s = "
-        f"{parts['dedup_partition_tokens_per_s']:,} tok/s = {f['dedup_partition_cores']:,} cores "
-        f"({enough} for the {f['cpus_per_dedup_partition']} CPUs each partition is sized for; "
-        f"this run used {len(f['dedup_partitions'])})"
+        f"serial ceiling (the smallest): {f['serial_ceiling_cores']:,} cores before one process is the "
+        f"bottleneck; each partition is sized for {f['cpus_per_dedup_partition']} CPUs, this run used "
+        f"{len(f['dedup_partitions'])} partition(s)"
     )
-    print(f"ledger alone: {parts['ledger_ranges_per_s']:,} ranges/s = {parts['ledger_tokens_per_s']:,} tok/s")
+    largest = max(f["dedup_partitions"], key=lambda p: p["peak_rss_bytes"])
     print(
-        f"serial ceiling (the ledger): {f['serial_ceiling_cores']:,} cores "
-        "before one process is the bottleneck"
-    )
-    largest = max(f["dedup_partitions"], key=lambda p: p["rss_bytes"])
-    print(
-        f"largest dedup partition: {largest['entries']:,} hashes, "
-        f"table {largest['table_bytes'] / 2**20:.1f} MiB, "
-        f"process RSS {largest['rss_bytes'] / 2**20:.0f} MiB; larger corpora: "
-        f"~{f['dedup_entry_bytes']} B x unique documents / partitions + the worker's base RSS"
+        f"largest dedup partition: {largest['entries']:,} hashes, table {largest['table_bytes'] / 2**20:.1f} "
+        f"MiB, RSS {largest['rss_bytes'] / 2**20:.0f} MiB, peak RSS {largest['peak_rss_bytes'] / 2**20:.0f} "
+        "MiB; larger corpora: table 32-64 B x documents / partitions (sized once from the plan; "
+        f"<= {f['dedup_peak_entry_bytes']} B x unique documents / partitions while one doubles) "
+        "+ the worker's base RSS"
     )
     print("\nCPU of the last pipeline round by process (share of all CPU seconds):")
     by_role: dict[str, list[float]] = defaultdict(list)

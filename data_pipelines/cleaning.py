@@ -2,8 +2,9 @@
 
 Cleaning is a pure function of one document, applied to whole Arrow batches with pyarrow compute
 kernels (RE2 and ICU-free Unicode normalisation in C++), several times faster than a per-document
-Python loop; the only per-document Python left is the content hash. De-duplication is NOT done here:
-it needs the whole corpus and is done by the hash-partitioned actors of `dedup.py`.
+Python loop; the only per-document Python left is the content hash (one C call per document).
+De-duplication is NOT done here: it needs the whole corpus and is done by the hash-partitioned
+actors of `dedup.py`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def clean_texts(texts: pa.Array, cfg: DataConfig) -> tuple[pa.Array, list[str]]:
     Paragraph breaks survive as one blank line; runs of spaces/tabs become one space. Length is
     checked before cleaning too, so a 100 MB line is rejected without normalising it.
     """
+    text, reasons, _ = _clean(texts, cfg)
+    return text, reasons.tolist()
+
+
+def _clean(texts: pa.Array, cfg: DataConfig) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """`clean_texts` with the reasons as a numpy object array, plus whether each was dropped."""
     texts = texts.cast(pa.large_string())
     too_long_raw = pc.greater(pc.utf8_length(texts), cfg.max_chars)
     text = pc.if_else(too_long_raw, "", texts)
@@ -50,9 +57,10 @@ def clean_texts(texts: pa.Array, cfg: DataConfig) -> tuple[pa.Array, list[str]]:
     reasons = np.full(len(text), "", dtype=object)
     reasons[length < cfg.min_chars] = "too_short"
     reasons[length == 0] = "empty"
-    reasons[raw_long | (length > cfg.max_chars)] = "too_long"
-    dropped = pa.array(reasons != "")
-    return pc.if_else(dropped, "", text), reasons.tolist()
+    too_long = raw_long | (length > cfg.max_chars)
+    reasons[too_long] = "too_long"
+    dropped = too_long | (length < cfg.min_chars)  # min_chars >= 1, so this covers "empty"
+    return pc.if_else(pa.array(dropped), "", text), reasons, dropped
 
 
 def clean_text(text: str, cfg: DataConfig) -> tuple[str, str]:
@@ -70,6 +78,13 @@ def _hash_bytes(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
 
 
+def _hash_all(texts: pa.Array) -> np.ndarray:
+    """`doc_hash` of every text, as int64: the digests joined and read as big-endian integers at once."""
+    data = texts.cast(pa.large_binary()).to_pylist()
+    digests = b"".join(hashlib.blake2b(b, digest_size=8).digest() for b in data)
+    return np.frombuffer(digests, dtype=">i8").astype(np.int64)
+
+
 def is_val(h: int | np.ndarray, val_fraction: float) -> bool | np.ndarray:
     """Deterministic split: a document is held out when its hash falls in the lowest `val_fraction`."""
     unsigned = np.asarray(h, dtype=np.int64).view(np.uint64)
@@ -82,15 +97,16 @@ def clean_batch(batch: pa.Table, cfg: DataConfig) -> pa.Table:
     Input columns: text (raw; "" when the reader already dropped it), reason, bytes.
     Output adds clean_bytes, hash and val (bool); text becomes the cleaned text.
     """
-    upstream = batch.column("reason").to_pylist()
-    text, reasons = clean_texts(batch.column("text"), cfg)
-    reasons = [up or own for up, own in zip(upstream, reasons, strict=True)]
-    kept = np.array([not r for r in reasons], dtype=bool)
-    text = pc.if_else(pa.array(kept), text, "")
-    encoded = text.cast(pa.large_binary()).to_pylist()
-    hashes = np.fromiter(
-        (_hash_bytes(b) if k else 0 for b, k in zip(encoded, kept, strict=True)), np.int64, len(encoded)
-    )
+    upstream = batch.column("reason")
+    upstream_dropped = pc.not_equal(upstream, "").to_numpy(zero_copy_only=False)
+    text, reasons, dropped = _clean(batch.column("text"), cfg)
+    if upstream_dropped.any():
+        reasons = np.where(upstream_dropped, upstream.to_numpy(zero_copy_only=False), reasons)
+        text = pc.if_else(pa.array(upstream_dropped), "", text)
+    kept = ~(upstream_dropped | dropped)
+    hashes = np.zeros(len(kept), dtype=np.int64)  # 0 for a dropped document
+    kept_rows = np.flatnonzero(kept)
+    hashes[kept_rows] = _hash_all(text.take(kept_rows))
     val = kept & is_val(hashes, cfg.val_fraction)
     clean_bytes = pc.binary_length(text).to_numpy(zero_copy_only=False).astype(np.int64)
     return pa.table(

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from tokenizers import Tokenizer
 
@@ -38,6 +39,7 @@ from data_pipelines.stats import CorpusStats
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
+_OUT_TOKENS = 1 << 20  # tokens per output block (4 MiB of int32), at least one batch's rows
 
 
 def _tokenizer(tokenizer_json: str) -> Tokenizer:
@@ -70,15 +72,16 @@ def _serial_tokenizers() -> Iterator[None]:
             os.environ[_PARALLELISM] = previous
 
 
-def _encode(tok: Tokenizer, texts: list[str], eos: np.ndarray) -> np.ndarray:
-    """The documents' token ids, each followed by eos, as one int32 array."""
+def _encode(tok: Tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
+    """The documents' token ids, each followed by eos, as one int32 array (one list, one
+    conversion: a numpy array per document costs more than the ids themselves)."""
     with _serial_tokenizers():
         encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
-    pieces = []
+    ids: list[int] = []
     for enc in encodings:
-        pieces.append(np.asarray(enc.ids, dtype=np.int32))
-        pieces.append(eos)
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        ids += enc.ids
+        ids.append(eos_id)
+    return np.array(ids, dtype=np.int32)
 
 
 def clean_range(item: dict[str, Any], cfg: DataConfig) -> pa.Table:
@@ -106,51 +109,61 @@ def pack_range(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Blocks {"input_ids": int32[n, seq_len]} of one range's `split` (steps 1–5 of the module doc)."""
     docs = clean_range(item, cfg)
-    reasons = np.array(docs.column("reason").to_pylist(), dtype=object)
-    cleaned_out = reasons != ""
+    reasons = docs.column("reason").to_numpy(zero_copy_only=False)  # object array of str
+    cleaned_out = pc.not_equal(docs.column("reason"), "").to_numpy(zero_copy_only=False)
+    dropped = cleaned_out
     if dedup is not None:
         kept = np.flatnonzero(~cleaned_out)
         hashes = docs.column("hash").to_numpy()[kept]
-        first = dedup.first_occurrences(item["index"], hashes, kept)
-        reasons[kept[~first]] = "duplicate"
+        duplicate = kept[~dedup.first_occurrences(item["index"], hashes, kept)]
+        reasons[duplicate] = "duplicate"
+        dropped = cleaned_out.copy()
+        dropped[duplicate] = True
     rows = split_rows(docs, cleaned_out, split)
-    stats = _counts(docs, reasons, rows)
-    texts = docs.column("text").to_pylist()
-    keep = [int(i) for i in rows if not reasons[i]]
+    stats = _counts(docs, reasons, dropped, rows)
+    keep = rows[~dropped[rows]]
+    texts = docs.column("text").take(keep).to_pylist()  # only the documents to tokenise
     tok = _tokenizer(tokenizer_json)
-    eos = np.array([eos_id], dtype=np.int32)
     carry = np.zeros(0, dtype=np.int32)
-    held = None  # the latest blocks: sent only after the counts are in the ledger
-    for lo in range(0, len(keep), cfg.tokenize_batch_size):
-        ids = _encode(tok, [texts[i] for i in keep[lo : lo + cfg.tokenize_batch_size]], eos)
+    out: list[np.ndarray] = []  # packed rows not sent yet; the last are sent after the ledger call
+    out_tokens = 0
+    for lo in range(0, len(texts), cfg.tokenize_batch_size):
+        ids = _encode(tok, texts[lo : lo + cfg.tokenize_batch_size], eos_id)
         stats.tokens += len(ids)
         stream = np.concatenate([carry, ids])
         n = len(stream) // cfg.seq_len
         carry = stream[n * cfg.seq_len :]
         if n:
             stats.blocks += n
-            if held is not None:
-                yield held
-            held = {"input_ids": stream[: n * cfg.seq_len].reshape(n, cfg.seq_len)}
+            if out_tokens >= _OUT_TOKENS:
+                yield _output(out)
+                out, out_tokens = [], 0
+            out.append(stream[: n * cfg.seq_len].reshape(n, cfg.seq_len))
+            out_tokens += n * cfg.seq_len
     stats.dropped_tail_tokens = len(carry)
     if split == "train":
         stats.train_documents, stats.train_blocks = stats.documents_kept, stats.blocks
     else:
         stats.val_documents, stats.val_blocks = stats.documents_kept, stats.blocks
     ray.get(ledger.add.remote(split, item["index"], stats.to_dict()))
-    if held is not None:
-        yield held
+    if out:
+        yield _output(out)
 
 
-def _counts(docs: pa.Table, reasons: np.ndarray, rows: np.ndarray) -> CorpusStats:
+def _output(rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """One output block of packed rows. Each yield is an object-store put and a block for Ray Data
+    to track, so a task sends a few MiB at a time rather than one tokenise batch."""
+    return {"input_ids": rows[0] if len(rows) == 1 else np.concatenate(rows)}
+
+
+def _counts(docs: pa.Table, reasons: np.ndarray, dropped: np.ndarray, rows: np.ndarray) -> CorpusStats:
     nbytes = docs.column("bytes").to_numpy()[rows]
     clean_bytes = docs.column("clean_bytes").to_numpy()[rows]
-    mine = reasons[rows]
-    kept = mine == ""
+    kept = ~dropped[rows]
     return CorpusStats(
         documents_read=len(rows),
         documents_kept=int(kept.sum()),
-        dropped=dict(Counter(r for r in mine.tolist() if r)),
+        dropped=dict(Counter(reasons[rows[~kept]].tolist())),
         bytes_read=int(nbytes.sum()),
         bytes_kept=int(clean_bytes[kept].sum()),
     )

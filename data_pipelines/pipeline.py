@@ -253,13 +253,13 @@ def packed_blocks(
 def _dedup(plan: CorpusPlan) -> DedupIndex | None:
     """The dedup partitions: `data.dedup_partitions`, else enough that each holds the documents of
     at most 1 GiB of corpus and serves at most `CPUS_PER_DEDUP_PARTITION` CPUs (one partition alone
-    keeps up with about 40 cores' tokenisation, see benchmarks/tokenize_throughput.py), and no more:
+    keeps up with over 100 cores' tokenisation, see benchmarks/tokenize_throughput.py), and no more:
     each is a process start, about a second of CPU. The count never changes the blocks."""
     if not plan.data.dedup:
         return None
     corpus_gib = -(-sum(f.size for f in plan.files) // (1 << 30))
     by_cpus = -(-_cluster_cpus() // CPUS_PER_DEDUP_PARTITION)
-    return DedupIndex(plan.data.dedup_partitions or max(1, corpus_gib, by_cpus))
+    return DedupIndex(plan.data.dedup_partitions or max(1, corpus_gib, by_cpus), len(plan.ranges))
 
 
 def shards_dir_of(data: DataConfig, run_dir: str) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -167,8 +168,9 @@ def list_inputs(paths: list[str], forced_format: str = "auto") -> list[InputFile
     return [found[k] for k in sorted(found)]
 
 
-def _records(stream, delimiter: re.Pattern[bytes], max_bytes: int) -> Iterator[bytes | None]:
-    """Split a byte stream at `delimiter`; a record longer than `max_bytes` is skipped and yields None."""
+def _record_chunks(stream, delimiter: re.Pattern[bytes], max_bytes: int) -> Iterator[list[bytes | None]]:
+    """Split a byte stream at `delimiter`, one list of records per chunk read; a record longer than
+    `max_bytes` is skipped and stands as None."""
     buf = b""
     skipping = False
     keep = 64  # bytes kept while skipping, so a delimiter that straddles two chunks is still found
@@ -178,14 +180,21 @@ def _records(stream, delimiter: re.Pattern[bytes], max_bytes: int) -> Iterator[b
         if parts and skipping:
             parts[0] = None  # the end of the record that was being skipped
             skipping = False
-        yield from parts
+        if parts:
+            yield parts
         if len(buf) > max_bytes:
             skipping = True
             buf = buf[-keep:]
     if skipping:
-        yield None
+        yield [None]
     elif buf:
-        yield buf
+        yield [buf]
+
+
+def _records(stream, delimiter: re.Pattern[bytes], max_bytes: int) -> Iterator[bytes | None]:
+    """`_record_chunks`, one record at a time."""
+    for parts in _record_chunks(stream, delimiter, max_bytes):
+        yield from parts
 
 
 class _Out:
@@ -222,18 +231,37 @@ def _decode(data: bytes) -> tuple[str, str]:
         return "", "invalid_utf8"
 
 
-def _txt_docs(stream, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
+def _txt_tables(stream, cfg: DataConfig) -> Iterator[pa.Table]:
+    """A .txt stream's documents as Arrow tables of at most `tokenize_batch_size` rows, a chunk of
+    records at a time: one UTF-8 check and one conversion per chunk, not a Python step per document."""
     # A char is at most 4 UTF-8 bytes, so a longer record certainly exceeds max_chars.
     max_bytes = 4 * cfg.max_chars
-    delimiter = _PARAGRAPH_BREAK if cfg.txt_document == "paragraph" else re.compile(rb"(?!)")
-    for rec in _records(stream, delimiter, max_bytes):
-        if rec is None:
-            yield "", "too_long", 0
-            continue
-        if cfg.txt_document == "paragraph" and not rec.strip():
-            continue  # leading/trailing blank space of a file is not a paragraph
-        text, reason = _decode(rec)
-        yield text, reason, len(rec)
+    paragraph = cfg.txt_document == "paragraph"
+    delimiter = _PARAGRAPH_BREAK if paragraph else re.compile(rb"(?!)")
+    for recs in _record_chunks(stream, delimiter, max_bytes):
+        if paragraph:  # leading/trailing blank space of a file is not a paragraph
+            recs = [r for r in recs if r is None or (r and not r.isspace())]
+        if recs:
+            table = _txt_table(recs)
+            for lo in range(0, len(table), cfg.tokenize_batch_size):
+                yield table.slice(lo, cfg.tokenize_batch_size)
+
+
+def _txt_table(recs: list[bytes | None]) -> pa.Table:
+    """Raw rows of .txt records; a chunk with an over-long record or invalid UTF-8 (rare) is
+    converted record by record, so only the bad records get a reason."""
+    if None not in recs:
+        raw = pa.array(recs, pa.large_binary())
+        try:
+            text = raw.cast(pa.large_string())  # validates UTF-8
+        except pa.ArrowInvalid:
+            pass
+        else:
+            nbytes = pc.binary_length(raw).cast(pa.int64())
+            return pa.table([text, pa.repeat("", len(recs)).cast(pa.string()), nbytes], schema=RAW_SCHEMA)
+    rows = [("", "too_long", 0) if r is None else (*_decode(r), len(r)) for r in recs]
+    text, reason, nbytes = zip(*rows, strict=True)
+    return pa.table([list(text), list(reason), list(nbytes)], schema=RAW_SCHEMA)
 
 
 def _jsonl_docs(stream, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
@@ -396,11 +424,13 @@ class _Range:
         return out
 
 
-def _text_docs(stream, fmt: str, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
-    return _txt_docs(stream, cfg) if fmt == "txt" else _jsonl_docs(stream, cfg)
+def _text_tables(stream, fmt: str, cfg: DataConfig) -> Iterator[pa.Table]:
+    if fmt == "txt":
+        return _txt_tables(stream, cfg)
+    return _tables(_jsonl_docs(stream, cfg), _Out(cfg.tokenize_batch_size))
 
 
-def _range_docs(fs, path: str, fmt: str, cfg: DataConfig, start: int, end: int):
+def _range_tables(fs, path: str, fmt: str, cfg: DataConfig, start: int, end: int) -> Iterator[pa.Table]:
     with fs.open_input_file(path) as f:
         size = f.size()
         paragraph = fmt == "txt"
@@ -409,7 +439,7 @@ def _range_docs(fs, path: str, fmt: str, cfg: DataConfig, start: int, end: int):
             return
         prefix = b"\n" if paragraph and lo > 0 else b""
         suffix = b"\n" if paragraph and hi < size else b""
-        yield from _text_docs(_Range(f, lo, hi, prefix, suffix), fmt, cfg)
+        yield from _text_tables(_Range(f, lo, hi, prefix, suffix), fmt, cfg)
 
 
 def read_file_docs(
@@ -418,14 +448,13 @@ def read_file_docs(
     """Raw documents of one file (or of the records that begin in bytes [start, end) of a splittable
     file) as Arrow tables (text, reason, bytes); never raises on bad content."""
     fs, path = open_uri(uri)
-    out = _Out(cfg.tokenize_batch_size)
     if fmt == "parquet":
-        yield from _tables(_parquet_docs(fs, path, cfg), out)
+        yield from _tables(_parquet_docs(fs, path, cfg), _Out(cfg.tokenize_batch_size))
     elif end is not None:  # a byte range `plan_reads` cut from a large splittable file
-        yield from _tables(_range_docs(fs, path, fmt, cfg, start, end), out)
+        yield from _range_tables(fs, path, fmt, cfg, start, end)
     else:
         with fs.open_input_stream(path, compression="detect") as stream:
-            yield from _tables(_text_docs(stream, fmt, cfg), out)
+            yield from _text_tables(stream, fmt, cfg)
 
 
 def _tables(docs: Iterator[tuple[str, str, int]], out: _Out) -> Iterator[pa.Table]:

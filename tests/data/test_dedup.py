@@ -1,34 +1,56 @@
 """The dedup partitions on their own: first occurrence by corpus position, whatever order ranges
-report in, and the same answer when a range reports again (a retried task, the next epoch)."""
+report in, the same answer when a range reports again (a retried task, the next epoch), and a clear
+error when a partition is lost."""
 
 from __future__ import annotations
 
+import traceback
+
 import numpy as np
+import pytest
 import ray
 
-from data_pipelines.dedup import DedupIndex, DedupPartition
+from data_pipelines.dedup import DedupIndex, DedupPartition, DedupPartitionLostError, FirstPositions
+from data_pipelines.pipeline import token_datasets
 
 
 def test_a_later_range_waits_for_earlier_ones_and_loses_to_them(ray_cluster):
     actor = DedupPartition.remote()
-    # Range 1 reports first: hash 7 twice (positions 0 and 2 within the range) and hash 9 once.
-    later = actor.first_occurrences.remote(
-        1, np.array([7, 9, 7]), np.array([(1 << 32) + i for i in range(3)])
-    )
+    # Range 1 reports first: hash 7 twice (documents 0 and 2 of the range) and hash 9 once.
+    later = actor.first_occurrences.remote(1, np.array([7, 9, 7]), np.arange(3))
     ready, _ = ray.wait([later], timeout=2.0)
     assert not ready, "range 1 must not be answered before range 0 has reported"
     earlier = actor.first_occurrences.remote(0, np.array([9, 5]), np.array([0, 1]))
     assert ray.get(earlier).tolist() == [True, True]
     assert ray.get(later).tolist() == [True, False, False]  # 9 was seen in range 0; the second 7 too
-    again = actor.first_occurrences.remote(
-        1, np.array([7, 9, 7]), np.array([(1 << 32) + i for i in range(3)])
-    )
+    again = actor.first_occurrences.remote(1, np.array([7, 9, 7]), np.arange(3))
     assert ray.get(again).tolist() == [True, False, False]
     assert ray.get(actor.memory.remote())["entries"] == 3
 
 
+def test_table_keeps_the_smallest_position_per_hash_through_collisions_and_growth():
+    """Against a dict: a tiny table (many hashes per home slot, several doublings), hashes sharing
+    their low bits, repeats within and across calls, calls out of order."""
+    rng = np.random.default_rng(1)
+    pool = rng.integers(-(1 << 63), (1 << 63) - 1, 3000, dtype=np.int64)
+    pool[:200] = (pool[:200] >> 16) << 16  # 200 hashes with the same low 16 bits
+    calls = [(rng.choice(pool, 500), rng.permutation(10_000)[:500] + i * 10_000) for i in range(12)]
+    table, expected = FirstPositions(capacity=8), {}
+    for i in rng.permutation(len(calls)):
+        hashes, positions = calls[i]
+        table.record(hashes, positions)
+        for h, p in zip(hashes.tolist(), positions.tolist(), strict=True):
+            expected[h] = min(p, expected.get(h, p))
+    assert table.generation >= 3 and table.count == len(expected)
+    everything = np.array(list(expected), dtype=np.int64)
+    stored = table.table[table.slots(everything, claim=False), 1]
+    assert stored.tolist() == list(expected.values())
+    with pytest.raises(KeyError):
+        table.slots(np.array([12345], dtype=np.int64), claim=False)
+
+
 def test_index_splits_hashes_over_partitions_and_keeps_first_occurrences(ray_cluster):
-    index = DedupIndex(3)
+    index = DedupIndex(3, ranges=2)
     rng = np.random.default_rng(0)
     hashes = rng.integers(-(1 << 63), (1 << 63) - 1, 300, dtype=np.int64)
     first_range = np.concatenate([hashes[:200], hashes[:10]])  # 10 repeats within the range
@@ -38,3 +60,25 @@ def test_index_splits_hashes_over_partitions_and_keeps_first_occurrences(ray_clu
     assert keep1.tolist() == [False] * 50 + [True] * 100
     held = [m["entries"] for m in index.memory()]
     assert sum(held) == 300 and all(held)  # every partition holds a share, none holds all
+
+
+def test_a_lost_partition_fails_the_range_with_what_to_change(ray_cluster):
+    index = DedupIndex(2)
+    ray.kill(index.actors[1])
+    with pytest.raises(DedupPartitionLostError, match=r"data\.dedup_partitions = 2.*memory"):
+        hashes = np.random.default_rng(2).integers(-(1 << 63), (1 << 63) - 1, 50, dtype=np.int64)
+        index.first_occurrences(0, hashes, np.arange(50))
+
+
+def test_a_run_whose_partition_died_stops_with_that_error(
+    ray_cluster, broken_corpus, small_cfg, char_tok, tmp_path
+):
+    """Through Ray Data: the range tasks' error reaches the caller with its advice, and no blocks
+    computed without the lost hashes come out as if nothing happened."""
+    cfg = small_cfg.model_copy(update={"paths": [str(broken_corpus)], "dedup_partitions": 2})
+    td = token_datasets(cfg, char_tok, str(tmp_path / "run"))
+    ray.kill(td.dedup.actors[0])
+    with pytest.raises(Exception) as failure:  # noqa: PT011 - Ray Data wraps the task's error
+        td.train.materialize()
+    text = "".join(traceback.format_exception(failure.value))
+    assert "DedupPartitionLostError" in text and "data.dedup_partitions = 2" in text
