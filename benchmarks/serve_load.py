@@ -44,35 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CORPUS = REPO / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
-
-
-def build_tiny_model(out: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from data_pipelines.config import TokenizerConfig
-    from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
-
-    text = CORPUS.read_text(encoding="utf-8")[:300_000]
-    train_tokenizer(
-        [text[i : i + 2000] for i in range(0, len(text), 2000)], TokenizerConfig(vocab_size=2048), out
-    )
-    tok = load_tokenizer(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=688,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+from benchmarks.tiny_model import CORPUS, build_tiny_llama  # noqa: E402  (after the path insert)
 
 
 def prompts(count: int) -> list[str]:
@@ -321,7 +293,9 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads_per_replica": args.threads,
         "max_tokens_limit": 512,
     }
-    chunk = args.prefill_chunk if args.prefill_chunk is not None else ServeConfig().prefill_chunk_tokens
+    defaults = ServeConfig()
+    chunk = args.prefill_chunk if args.prefill_chunk is not None else defaults.prefill_chunk_tokens
+    section["stream_max_chunks_per_s"] = args.chunks_per_s or defaults.stream_max_chunks_per_s
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = model_dir.name
 
@@ -330,7 +304,10 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         serve.run(app, name=name, route_prefix=f"/{name}")
         return f"http://127.0.0.1:{port}/{name}"
 
-    out: dict[str, Any] = {"prefill_chunk_tokens": chunk}
+    out: dict[str, Any] = {
+        "prefill_chunk_tokens": chunk,
+        "stream_max_chunks_per_s": section["stream_max_chunks_per_s"],
+    }
     try:
         base = deploy("bench", prefill_chunk_tokens=chunk)
         out["one_token_request_p50_ms"] = asyncio.run(
@@ -390,6 +367,9 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=35, help="1-token requests for HTTP overhead")
     parser.add_argument("--prefill-chunk", type=int, help="prefill_chunk_tokens (default: the serve default)")
     parser.add_argument(
+        "--chunks-per-s", type=float, help="stream_max_chunks_per_s (default: the serve default)"
+    )
+    parser.add_argument(
         "--running-prompt", type=int, default=96, help="prompt tokens of the 8 running streams"
     )
     parser.add_argument("--running-new-tokens", type=int, default=200)
@@ -401,7 +381,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.requests, args.latency_requests = 12, 16, 8
-        args.running_new_tokens, args.arrivals = 60, 2
+        args.running_new_tokens, args.arrivals = 150, 2  # the 8 streams must outlast the arrivals
     if 16 not in args.clients:
         parser.error("--clients must include 16 (the ratios are taken at 16 clients)")
 
@@ -409,7 +389,7 @@ def main() -> None:
     from rich.table import Table
 
     console = Console(width=150)  # the table is wide; pipes and CI logs default to 80 columns
-    model_dir = args.model or build_tiny_model(Path(tempfile.mkdtemp(prefix="raylm-bench-")))
+    model_dir = args.model or build_tiny_llama(Path(tempfile.mkdtemp(prefix="raylm-bench-")))
     console.print(
         f"model {model_dir}, {args.new_tokens} new tokens per request, {args.threads} torch thread(s)"
     )
