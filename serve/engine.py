@@ -178,6 +178,7 @@ class BatchEngine:
                 "steps": self.steps,
                 "cancelled": self.cancelled,
                 "peak_running": self.peak_running,
+                "thread_id": self._thread.native_id or 0,  # lets a benchmark read the thread's CPU time
             }
             if reset_peak:
                 self.peak_running = self.running

@@ -5,18 +5,21 @@ one replica: a token goes engine thread → this event loop → Serve proxy → 
 
 Per engine step the engine makes one call (`_deliver`), which crosses to the event loop once and
 hands each request the outputs of all its sequences. A request's coroutine wakes when its chunk is
-due: at once while few streams run; when many run, after `interval` steps (a chunk then carries
-every token since the last one), so the chunks per second the replica sends stay near
-`stream_max_chunks_per_s` however many clients stream, and never later than `stream_interval_max_ms`.
-Detokenization and stop strings run once per chunk, not per token. When the caller goes away (client
-disconnect → Serve cancels the request), the `finally` below frees the sequences' slots.
+due: its first token at once, then every `running / stream_max_chunks_per_s` seconds (never later
+than `stream_interval_max_ms`), a chunk carrying every token since the last one. So the replica
+sends about `stream_max_chunks_per_s` chunks per second however many clients stream. Why a budget
+even for a lone stream: a chunk costs the replica's event loop, the Serve proxy and the client a
+fixed amount of CPU (measured by `benchmarks/serve_load.py`: ~2.5-3 ms in all per chunk on the
+2-core dev machine, against ~1.4 ms for a decode step of its tiny model), so a stream sent token by
+token is paced by that path, not by the model, and its event-loop work takes the GIL from the
+engine thread. Detokenization and stop strings run once per chunk, not per token. When the caller
+goes away (client disconnect → Serve cancels the request), the `finally` below frees the slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -67,13 +70,12 @@ class _Request:
         self.pending: list[Output] = []
         self.open = choices  # sequences not finished yet
         self.streaming = streaming
-        self.steps = 0  # steps with outputs since the last chunk
         self.started = False  # the first chunk (time to first token) never waits for the interval
         self.flushed = time.monotonic()
         self.ready = asyncio.Event()
 
     def take(self) -> list[Output]:
-        outputs, self.pending, self.steps, self.flushed = self.pending, [], 0, time.monotonic()
+        outputs, self.pending, self.flushed = self.pending, [], time.monotonic()
         self.started = True
         return outputs
 
@@ -89,7 +91,7 @@ class LLMServer:
         *,
         prefill_chunk_tokens: int = 128,
         max_prefill_delay_steps: int = 4,
-        stream_max_chunks_per_s: float = 400.0,
+        stream_max_chunks_per_s: float = 200.0,
         stream_interval_max_ms: float = 100.0,
     ) -> None:
         torch.set_num_threads(torch_threads)
@@ -134,13 +136,10 @@ class LLMServer:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def stream_interval(self) -> int:
-        """Steps per chunk: 1 while every stream getting every token stays under the chunk budget."""
+    def chunk_period(self) -> float:
+        """Seconds between one stream's chunks: the replica's chunk budget shared by its streams."""
         assert self.engine is not None
-        running, step_s = self.engine.running, self.engine.step_s
-        if running <= 1 or step_s <= 0:
-            return 1
-        return max(1, math.ceil(running / (step_s * self.max_chunks_per_s)))
+        return min(self.interval_max_s, max(1, self.engine.running) / self.max_chunks_per_s)
 
     def _dispatch(self, outputs: list[Output]) -> None:
         """Event loop: file each output with its request; wake the requests whose chunk is due."""
@@ -151,12 +150,11 @@ class LLMServer:
             if out.finish_reason is not None:
                 req.open -= 1
             touched[req] = None
-        interval, now = self.stream_interval(), time.monotonic()
+        assert self.engine is not None
+        # Due at the step nearest the period (half a step early), so tokens are not held a step more.
+        period, now, half_step = self.chunk_period(), time.monotonic(), self.engine.step_s / 2
         for req in touched:
-            req.steps += 1
-            due = req.streaming and (
-                not req.started or req.steps >= interval or now - req.flushed >= self.interval_max_s
-            )
+            due = req.streaming and (not req.started or now - req.flushed + half_step >= period)
             if req.open == 0 or due:
                 req.ready.set()
 
