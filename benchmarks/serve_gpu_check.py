@@ -28,37 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CORPUS = REPO / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
-
-
-def build_model(out: Path, hidden: int, layers: int) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from data_pipelines.config import TokenizerConfig
-    from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
-
-    text = CORPUS.read_text(encoding="utf-8")[:300_000]
-    train_tokenizer(
-        [text[i : i + 2000] for i in range(0, len(text), 2000)], TokenizerConfig(vocab_size=2048), out
-    )
-    tok = load_tokenizer(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=max(1, hidden // 128),  # grouped-query attention, as in current models
-        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        max_position_embeddings=1024,
-        initializer_range=0.1,  # logits far apart: bf16 batch-shape noise cannot flip a greedy choice
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+from benchmarks.tiny_model import build_tiny_llama  # noqa: E402  (after the path insert)
 
 
 def reference(model_dir: Path, prompts: list[str], new_tokens: int, device: str) -> tuple[list[str], float]:
@@ -151,7 +121,15 @@ def main() -> int:
     from benchmarks.serve_load import prompts_of_tokens
     from serve.app import build_app
 
-    model_dir = build_model(Path(tempfile.mkdtemp(prefix="raylm-gpu-check-")), args.hidden, args.layers)
+    model_dir = build_tiny_llama(
+        Path(tempfile.mkdtemp(prefix="raylm-gpu-check-")),
+        hidden=args.hidden,
+        layers=args.layers,
+        intermediate=int(args.hidden * 8 / 3) // 64 * 64,
+        kv_heads=max(1, args.hidden // 128),  # grouped-query attention, as in current models
+        context=1024,
+        initializer_range=0.1,  # logits far apart: bf16 batch-shape noise cannot flip a greedy choice
+    )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)

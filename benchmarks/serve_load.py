@@ -14,7 +14,7 @@ and prints the ratios (b@16)/(a'), (b@16)/(a), (b@1)/(a), and the HTTP overhead:
 1-token request minus a direct forward pass of the same prompt. `--json PATH` writes every figure.
 The in-process baselines run before and after the endpoint and the better run counts (a busy shared
 machine otherwise makes the ratios depend on when each phase ran). `--profile DIR` records py-spy
-profiles of the replica and the proxy during the 16-client phase.
+profiles of the replica and the proxy during the 1- and 16-client phases.
 
     python benchmarks/serve_load.py [--model HF_DIR] [--new-tokens 32] [--threads 1] [--json out.json]
     python benchmarks/serve_load.py --quick      # a fast check that every phase runs
@@ -44,35 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CORPUS = REPO / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
-
-
-def build_tiny_model(out: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from data_pipelines.config import TokenizerConfig
-    from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
-
-    text = CORPUS.read_text(encoding="utf-8")[:300_000]
-    train_tokenizer(
-        [text[i : i + 2000] for i in range(0, len(text), 2000)], TokenizerConfig(vocab_size=2048), out
-    )
-    tok = load_tokenizer(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=688,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+from benchmarks.tiny_model import CORPUS, build_tiny_llama  # noqa: E402  (after the path insert)
 
 
 def prompts(count: int) -> list[str]:
@@ -177,7 +149,14 @@ def completion_body(model: str, prompt: str, new_tokens: int) -> dict[str, Any]:
 
 
 async def load_phase(
-    base: str, model: str, key: str, clients: int, new_tokens: int, batch: list[str], total: int
+    base: str,
+    model: str,
+    key: str,
+    clients: int,
+    new_tokens: int,
+    batch: list[str],
+    total: int,
+    pids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     import httpx
 
@@ -194,9 +173,11 @@ async def load_phase(
                 out.append(await stream_one(http, url, body, headers))
             return out
 
+        cpu_before = cpu_seconds(pids or {})
         start = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(c) for c in range(clients))) for r in rs]
         wall = time.perf_counter() - start
+        cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(pids or {}).items()}
     gaps = [g for r in results for g in r["gaps"]]
     itl = [g for r in results for g in r["itl"]]
     chunks, tokens = sum(r["chunks"] for r in results), sum(r["tokens"] for r in results)
@@ -211,7 +192,50 @@ async def load_phase(
         "chunk_gap_p50_ms": 1000 * pct(gaps, 50),
         "chunks_per_s": chunks / wall,
         "tokens_per_chunk": tokens / max(1, chunks),
+        "wall_ms_per_token": 1000 * wall / max(1, tokens),
+        "cpu_ms_per_token": {k: 1000 * v / max(1, tokens) for k, v in cpu.items()},
     }
+
+
+def app_pids(app_name: str) -> dict[str, int]:
+    """pids of this client, the app's replica (and its engine thread) and the Serve proxy."""
+    from ray import serve
+    from ray._private.state import actors  # the GCS actor table: works without the dashboard
+
+    pids = {"client": os.getpid()}
+    for actor in actors().values():
+        name = actor["ActorClassName"]
+        if actor["State"] != "ALIVE":
+            continue
+        if name == f"ServeReplica:{app_name}:LLMServer":
+            pids["replica"] = actor["Pid"]
+        elif name == "ProxyActor":
+            pids["proxy"] = actor["Pid"]
+    pids["engine thread"] = serve.get_app_handle(app_name).stats.remote().result()["thread_id"]
+    return pids
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each process, the replica split into its engine thread
+    and the rest, from /proc (Linux; empty elsewhere). Where a token's CPU goes, per process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    engine = pids.get("engine thread")
+
+    def stat(path: Path) -> float:
+        fields = path.read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    out: dict[str, float] = {}
+    try:
+        for name in ("client", "proxy", "replica"):
+            if name in pids:
+                out[name] = stat(Path(f"/proc/{pids[name]}/stat"))
+        if engine is not None and "replica" in pids:
+            out["engine thread"] = stat(Path(f"/proc/{pids['replica']}/task/{engine}/stat"))
+            out["replica"] -= out["engine thread"]
+    except OSError:
+        return {}
+    return out
 
 
 async def prefill_interference(
@@ -321,7 +345,9 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads_per_replica": args.threads,
         "max_tokens_limit": 512,
     }
-    chunk = args.prefill_chunk if args.prefill_chunk is not None else ServeConfig().prefill_chunk_tokens
+    defaults = ServeConfig()
+    chunk = args.prefill_chunk if args.prefill_chunk is not None else defaults.prefill_chunk_tokens
+    section["stream_max_chunks_per_s"] = args.chunks_per_s or defaults.stream_max_chunks_per_s
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = model_dir.name
 
@@ -330,9 +356,13 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         serve.run(app, name=name, route_prefix=f"/{name}")
         return f"http://127.0.0.1:{port}/{name}"
 
-    out: dict[str, Any] = {"prefill_chunk_tokens": chunk}
+    out: dict[str, Any] = {
+        "prefill_chunk_tokens": chunk,
+        "stream_max_chunks_per_s": section["stream_max_chunks_per_s"],
+    }
     try:
         base = deploy("bench", prefill_chunk_tokens=chunk)
+        pids = app_pids("bench")
         out["one_token_request_p50_ms"] = asyncio.run(
             one_token_latency(base, model, key, args.latency_requests)
         )
@@ -340,10 +370,10 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(load_phase(base, model, key, 4, 8, batch, 8))  # warm-up
         phases = []
         for clients in args.clients:
-            profile = args.profile if clients == 16 else None
+            profile = args.profile / f"{clients}-clients" if args.profile and clients in (1, 16) else None
             with Profiler(profile, "bench", args.profile_seconds):
                 phase = asyncio.run(
-                    load_phase(base, model, key, clients, args.new_tokens, batch, args.requests)
+                    load_phase(base, model, key, clients, args.new_tokens, batch, args.requests, pids)
                 )
             phases.append(phase)
             print(
@@ -355,7 +385,7 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         lengths = [16 + (184 * i) // 15 for i in range(16)]  # 16 .. 200 tokens
         mixed = prompts_of_tokens(tok, lengths)
         out["mixed_lengths_16"] = asyncio.run(
-            load_phase(base, model, key, 16, args.new_tokens, mixed, args.requests)
+            load_phase(base, model, key, 16, args.new_tokens, mixed, args.requests, pids)
         )
         print(
             f"  16 clients, prompts 16-200 tokens: {out['mixed_lengths_16']['tok_s']:8.1f} tok/s", flush=True
@@ -390,18 +420,21 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=35, help="1-token requests for HTTP overhead")
     parser.add_argument("--prefill-chunk", type=int, help="prefill_chunk_tokens (default: the serve default)")
     parser.add_argument(
+        "--chunks-per-s", type=float, help="stream_max_chunks_per_s (default: the serve default)"
+    )
+    parser.add_argument(
         "--running-prompt", type=int, default=96, help="prompt tokens of the 8 running streams"
     )
     parser.add_argument("--running-new-tokens", type=int, default=200)
     parser.add_argument("--arrivals", type=int, default=4, help="long prompts sent while the 8 streams run")
     parser.add_argument("--quick", action="store_true", help="small sizes: check that every phase runs")
-    parser.add_argument("--profile", type=Path, help="write py-spy profiles of replica + proxy (16 clients)")
+    parser.add_argument("--profile", type=Path, help="py-spy profiles of replica + proxy (1, 16 clients)")
     parser.add_argument("--profile-seconds", type=int, default=8)
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.requests, args.latency_requests = 12, 16, 8
-        args.running_new_tokens, args.arrivals = 60, 2
+        args.running_new_tokens, args.arrivals = 150, 2  # the 8 streams must outlast the arrivals
     if 16 not in args.clients:
         parser.error("--clients must include 16 (the ratios are taken at 16 clients)")
 
@@ -409,7 +442,7 @@ def main() -> None:
     from rich.table import Table
 
     console = Console(width=150)  # the table is wide; pipes and CI logs default to 80 columns
-    model_dir = args.model or build_tiny_model(Path(tempfile.mkdtemp(prefix="raylm-bench-")))
+    model_dir = args.model or build_tiny_llama(Path(tempfile.mkdtemp(prefix="raylm-bench-")))
     console.print(
         f"model {model_dir}, {args.new_tokens} new tokens per request, {args.threads} torch thread(s)"
     )
@@ -470,6 +503,15 @@ def main() -> None:
             f"{p['tokens_per_chunk']:.1f}",
         )
     console.print(table)
+    where = Table(title="where a token's time goes: wall ms and CPU ms per generated token, per process")
+    parts = ("engine thread", "replica", "proxy", "client")
+    for col in ("setup", "wall", *(f"CPU {p}" for p in parts), "CPU total"):
+        where.add_column(col, justify="right")
+    for label, p in rows:
+        cpu = p["cpu_ms_per_token"]
+        cells = [f"{cpu[k]:.2f}" if k in cpu else "" for k in parts]
+        where.add_row(label, f"{p['wall_ms_per_token']:.2f}", *cells, f"{sum(cpu.values()):.2f}")
+    console.print(where)
     chunked, whole = served["prefill_chunked"], served["prefill_whole"]
     console.print(
         f"(b@16)/(a') = {result['ratio_b16_over_a_prime']:.2f} (target >= 0.8)   "

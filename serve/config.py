@@ -46,7 +46,10 @@ class ServeConfig(BaseModel):
         4, ge=0, description="decode steps a newcomer may wait so that several share one prefill forward"
     )
     stream_max_chunks_per_s: float = Field(
-        400, gt=0, description="SSE chunks/s a replica aims at; above it, chunks carry several tokens"
+        200,
+        gt=0,
+        description="SSE chunks/s a replica sends at most, shared by its streams (a chunk carries every"
+        " token since the stream's last one); a large value sends every token at once",
     )
     stream_interval_max_ms: float = Field(
         100, gt=0, description="longest a streamed token waits for its chunk when many streams run"

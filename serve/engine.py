@@ -41,12 +41,10 @@ import torch
 from transformers import PreTrainedModel
 
 from serve.kv_cache import SlotKVCache, StepPlan, slot_mask
+from serve.protocol import PromptScore, TopLogprobs
 from serve.sampling import SamplingParams, sample_next, token_logprobs
 
 log = logging.getLogger(__name__)
-
-TopLogprobs = list[tuple[int, float]]
-
 
 @dataclass(eq=False)
 class Sequence:
@@ -65,7 +63,7 @@ class Sequence:
     last_token: int = field(default=-1, repr=False)
     slot: int = field(default=-1, repr=False)
     admitted_step: int = field(default=0, repr=False)
-    prompt_scores: list[tuple[float, TopLogprobs] | None] = field(default_factory=list, repr=False)
+    prompt_scores: list[PromptScore] = field(default_factory=list, repr=False)
 
     def accept(self, token: int) -> str | None:
         """Record `token`; return why the sequence ends with it, if it does."""
@@ -91,7 +89,7 @@ class Output:
     finish_reason: str | None  # None, "stop", "length" or "error"
     logprob: float | None = None
     top: TopLogprobs | None = None
-    prompt_logprobs: list[tuple[float, TopLogprobs] | None] | None = None
+    prompt_logprobs: list[PromptScore] | None = None
 
 
 Deliver = Callable[[list[Output]], None]
@@ -180,6 +178,7 @@ class BatchEngine:
                 "steps": self.steps,
                 "cancelled": self.cancelled,
                 "peak_running": self.peak_running,
+                "thread_id": self._thread.native_id or 0,  # lets a benchmark read the thread's CPU time
             }
             if reset_peak:
                 self.peak_running = self.running

@@ -38,11 +38,14 @@ from serve.protocol import (
     ChatCompletionResponse,
     ChatStreamChoice,
     ChoiceLogprobs,
+    ChunkItem,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    GenerationChunk,
+    GenerationRequest,
     ModelCard,
     ModelList,
     ResponsesRequest,
@@ -83,9 +86,6 @@ def context_length(config: Any, tokenizer: Any) -> int | None:
 
 def _sse(*payloads: BaseModel) -> str:
     return "".join(f"data: {p.model_dump_json()}\n\n" for p in payloads)
-
-
-Chunk = list[dict[str, Any]]
 
 
 class OpenAIServer(LLMServer):
@@ -242,23 +242,25 @@ class OpenAIServer(LLMServer):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _engine_request(
-        self, req: Any, prompts: list[list[int]], max_tokens: list[int], **extra: Any
-    ) -> dict:
-        return {
-            "prompts": prompts,
-            "max_tokens": max_tokens,
-            "n": req.n,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "top_k": req.top_k,
-            "seed": req.seed,
-            "stop": req.stop_list(),
-            "ignore_eos": req.ignore_eos,
-            "stream": req.stream,
+        self, req: SamplingFields, prompts: list[list[int]], max_tokens: list[int], **extra: Any
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            prompts=prompts,
+            max_tokens=max_tokens,
+            n=req.n,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop_list(),
+            ignore_eos=req.ignore_eos,
+            stream=req.stream,
             **extra,
-        }
+        )
 
-    async def _start(self, engine_request: dict, arrived: float) -> tuple[AsyncIterator[Chunk], Chunk]:
+    async def _start(
+        self, engine_request: GenerationRequest, arrived: float
+    ) -> tuple[AsyncIterator[GenerationChunk], GenerationChunk]:
         """Admit the request (503 beyond this replica's limit) and wait for its first chunk, so an
         engine failure before any output is still an HTTP status, not a broken stream."""
         if self.admitted is not None and self.active >= self.admitted:
@@ -273,17 +275,17 @@ class OpenAIServer(LLMServer):
         finally:
             self.metrics.queue_depth.dec()
         self.metrics.ttft.observe(time.perf_counter() - arrived)
-        self.metrics.prompt_tokens.inc(sum(len(p) for p in engine_request["prompts"]))
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in engine_request.prompts))
         return chunks, first
 
-    async def _tracked(self, engine_request: dict) -> AsyncIterator[Chunk]:
+    async def _tracked(self, engine_request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """`generate` with admission accounting and token metrics (one observation per chunk)."""
         self.active += 1
         self.metrics.streaming.inc()
         last = time.perf_counter()
         try:
             async for chunk in self.generate(engine_request):
-                tokens = sum(item["tokens"] for item in chunk)
+                tokens = sum(item.tokens for item in chunk)
                 self.metrics.generated_tokens.inc(tokens)
                 now = time.perf_counter()
                 for _ in range(tokens):
@@ -294,20 +296,15 @@ class OpenAIServer(LLMServer):
             self.active -= 1
             self.metrics.streaming.dec()
 
-    async def _collect(self, chunks: AsyncIterator[Chunk], first: Chunk, count: int) -> list[dict[str, Any]]:
+    async def _collect(
+        self, chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, count: int
+    ) -> list[ChunkItem]:
         """Merge every chunk of a non-streaming request into one item per choice."""
-        merged = [{"text": "", "tokens": 0, "finish_reason": "stop", "logprobs": []} for _ in range(count)]
+        merged = [ChunkItem(i, finish_reason="stop") for i in range(count)]
 
-        def add(chunk: Chunk) -> None:
+        def add(chunk: GenerationChunk) -> None:
             for item in chunk:
-                out = merged[item["index"]]
-                out["text"] += item["text"]
-                out["tokens"] += item["tokens"]
-                out["logprobs"] += item.get("logprobs", [])
-                if "prompt_logprobs" in item:
-                    out["prompt_logprobs"] = item["prompt_logprobs"]
-                if item["finish_reason"]:
-                    out["finish_reason"] = item["finish_reason"]
+                merged[item.index].add(item)
 
         try:
             add(first)
@@ -319,12 +316,12 @@ class OpenAIServer(LLMServer):
 
     async def _sse_stream(
         self,
-        chunks: AsyncIterator[Chunk],
-        first: Chunk,
+        chunks: AsyncIterator[GenerationChunk],
+        first: GenerationChunk,
         rid: str,
         prompt_tokens: int,
         include_usage: bool,
-        choice_of: Callable[[dict], BaseModel],
+        choice_of: Callable[[ChunkItem], BaseModel],
         envelope: Callable[..., BaseModel],
     ) -> AsyncIterator[str]:
         """Server-sent events shared by completions and chat: one write per chunk (all its choices),
@@ -333,7 +330,7 @@ class OpenAIServer(LLMServer):
         try:
             chunk = first
             while True:
-                completion_tokens += sum(item["tokens"] for item in chunk)
+                completion_tokens += sum(item.tokens for item in chunk)
                 yield _sse(*(envelope([choice_of(item)]) for item in chunk))
                 try:
                     chunk = await chunks.__anext__()
@@ -362,17 +359,17 @@ class OpenAIServer(LLMServer):
 
     # ---- /v1/completions --------------------------------------------------------------------------
     def _completion_logprobs(
-        self, item: dict, prompt: list[int] | None, offset: int
+        self, item: ChunkItem, prompt: list[int] | None, offset: int
     ) -> tuple[CompletionLogprobs, int]:
         """Legacy logprobs of one chunk item: the echoed prompt's tokens (when given) then its own."""
         out = CompletionLogprobs()
         entries: list[tuple[int, float | None, list | None]] = []
         if prompt is not None:
-            scores = item.get("prompt_logprobs") or [None] * len(prompt)
+            scores = item.prompt_logprobs or [None] * len(prompt)
             entries += [
                 (t, s[0] if s else None, s[1] if s else None) for t, s in zip(prompt, scores, strict=True)
             ]
-        entries += item.get("logprobs", [])
+        entries += item.logprobs
         for token, logprob, top in entries:
             text = self.token_text(token)
             out.tokens.append(text)
@@ -399,10 +396,10 @@ class OpenAIServer(LLMServer):
         wants_logprobs = req.logprobs is not None
         offsets: dict[int, int] = {}
 
-        def choice_of(item: dict) -> CompletionChoice:
-            index = item["index"]
+        def choice_of(item: ChunkItem) -> CompletionChoice:
+            index = item.index
             echo = req.echo and index not in offsets  # the prompt goes before the choice's first text
-            text = (texts[index // req.n] if echo else "") + item["text"]
+            text = (texts[index // req.n] if echo else "") + item.text
             logprobs = None
             if wants_logprobs:
                 prompt = prompts[index // req.n] if echo else None
@@ -410,7 +407,7 @@ class OpenAIServer(LLMServer):
                 logprobs, offsets[index] = self._completion_logprobs(item, prompt, start)
             offsets.setdefault(index, 0)
             return CompletionChoice(
-                index=index, text=text, logprobs=logprobs, finish_reason=item["finish_reason"]
+                index=index, text=text, logprobs=logprobs, finish_reason=item.finish_reason
             )
 
         if req.stream:
@@ -426,8 +423,8 @@ class OpenAIServer(LLMServer):
                 media_type="text/event-stream",
             )
         merged = await self._collect(chunks, first, len(prompts) * req.n)
-        choices = [choice_of({"index": i, **m}) for i, m in enumerate(merged)]
-        completion_tokens = sum(m["tokens"] for m in merged)
+        choices = [choice_of(m) for m in merged]
+        completion_tokens = sum(m.tokens for m in merged)
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -439,9 +436,9 @@ class OpenAIServer(LLMServer):
         return JSONResponse(body.model_dump())
 
     # ---- /v1/chat/completions ---------------------------------------------------------------------
-    def _chat_logprobs(self, item: dict, top: int) -> ChoiceLogprobs:
+    def _chat_logprobs(self, item: ChunkItem, top: int) -> ChoiceLogprobs:
         content = []
-        for token, logprob, alternatives in item.get("logprobs", []):
+        for token, logprob, alternatives in item.logprobs:
             text = self.token_text(token)
             tops = [
                 TopLogprob(token=(t := self.token_text(i)), logprob=v, bytes=list(t.encode()))
@@ -469,13 +466,13 @@ class OpenAIServer(LLMServer):
         if req.stream:
             started: set[int] = set()  # the first delta of each choice carries the assistant role
 
-            def stream_choice(item: dict) -> ChatStreamChoice:
-                index = item["index"]
-                delta = DeltaMessage(role=None if index in started else "assistant", content=item["text"])
+            def stream_choice(item: ChunkItem) -> ChatStreamChoice:
+                index = item.index
+                delta = DeltaMessage(role=None if index in started else "assistant", content=item.text)
                 started.add(index)
                 scores = self._chat_logprobs(item, logprobs) if logprobs is not None else None
                 return ChatStreamChoice(
-                    index=index, delta=delta, logprobs=scores, finish_reason=item["finish_reason"]
+                    index=index, delta=delta, logprobs=scores, finish_reason=item.finish_reason
                 )
 
             def envelope(choices: list, usage: Usage | None = None) -> ChatCompletionChunk:
@@ -491,14 +488,14 @@ class OpenAIServer(LLMServer):
         merged = await self._collect(chunks, first, req.n)
         choices = [
             ChatChoice(
-                index=i,
-                message=AssistantMessage(content=m["text"]),
+                index=m.index,
+                message=AssistantMessage(content=m.text),
                 logprobs=self._chat_logprobs(m, logprobs) if logprobs is not None else None,
-                finish_reason=m["finish_reason"],
+                finish_reason=m.finish_reason,
             )
-            for i, m in enumerate(merged)
+            for m in merged
         ]
-        completion_tokens = sum(m["tokens"] for m in merged)
+        completion_tokens = sum(m.tokens for m in merged)
         usage = Usage(
             prompt_tokens=len(prompt),
             completion_tokens=completion_tokens,
@@ -515,18 +512,14 @@ class OpenAIServer(LLMServer):
         req: ResponsesRequest = await self._parse(request, ResponsesRequest)
         prompt = self._chat_prompt(req.messages())
         max_tokens = self._max_tokens(req.max_output_tokens, len(prompt), "input", "max_output_tokens")
-        engine_request = {
-            "prompts": [prompt],
-            "max_tokens": [max_tokens],
-            "n": 1,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "top_k": 0,
-            "seed": None,
-            "stop": [],
-            "chat": True,
-            "stream": req.stream,
-        }
+        engine_request = GenerationRequest(
+            prompts=[prompt],
+            max_tokens=[max_tokens],
+            temperature=req.temperature,
+            top_p=req.top_p,
+            chat=True,
+            stream=req.stream,
+        )
         chunks, first = await self._start(engine_request, arrived)
         rid, created = new_id("resp"), time.time()
         if req.stream:
@@ -538,10 +531,10 @@ class OpenAIServer(LLMServer):
             created,
             req,
             self.model_name,
-            merged["text"],
-            merged["finish_reason"],
+            merged.text,
+            merged.finish_reason,
             len(prompt),
-            merged["tokens"],
+            merged.tokens,
         )
         return JSONResponse(body)
 

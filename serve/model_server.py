@@ -5,18 +5,21 @@ one replica: a token goes engine thread → this event loop → Serve proxy → 
 
 Per engine step the engine makes one call (`_deliver`), which crosses to the event loop once and
 hands each request the outputs of all its sequences. A request's coroutine wakes when its chunk is
-due: at once while few streams run; when many run, after `interval` steps (a chunk then carries
-every token since the last one), so the chunks per second the replica sends stay near
-`stream_max_chunks_per_s` however many clients stream, and never later than `stream_interval_max_ms`.
-Detokenization and stop strings run once per chunk, not per token. When the caller goes away (client
-disconnect → Serve cancels the request), the `finally` below frees the sequences' slots.
+due: its first token at once, then every `running / stream_max_chunks_per_s` seconds (never later
+than `stream_interval_max_ms`), a chunk carrying every token since the last one. So the replica
+sends about `stream_max_chunks_per_s` chunks per second however many clients stream. Why a budget
+even for a lone stream: a chunk costs the replica's event loop, the Serve proxy and the client a
+fixed amount of CPU (measured by `benchmarks/serve_load.py`: ~2.5-3 ms in all per chunk on the
+2-core dev machine, against ~1.4 ms for a decode step of its tiny model), so a stream sent token by
+token is paced by that path, not by the model, and its event-loop work takes the GIL from the
+engine thread. Detokenization and stop strings run once per chunk, not per token. When the caller
+goes away (client disconnect → Serve cancels the request), the `finally` below frees the slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from serve.engine import BatchEngine, Output, Sequence
+from serve.protocol import ChunkItem, GenerationChunk, GenerationRequest
 from serve.sampling import SamplingParams
 from serve.text import ChoiceText, IncrementalDetokenizer
 
@@ -59,10 +63,6 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _chunk_item(index: int) -> dict[str, Any]:
-    return {"index": index, "text": "", "tokens": 0, "finish_reason": None}
-
-
 class _Request:
     """One request's outputs between the engine thread's `_deliver` and its response coroutine."""
 
@@ -70,13 +70,12 @@ class _Request:
         self.pending: list[Output] = []
         self.open = choices  # sequences not finished yet
         self.streaming = streaming
-        self.steps = 0  # steps with outputs since the last chunk
         self.started = False  # the first chunk (time to first token) never waits for the interval
         self.flushed = time.monotonic()
         self.ready = asyncio.Event()
 
     def take(self) -> list[Output]:
-        outputs, self.pending, self.steps, self.flushed = self.pending, [], 0, time.monotonic()
+        outputs, self.pending, self.flushed = self.pending, [], time.monotonic()
         self.started = True
         return outputs
 
@@ -92,7 +91,7 @@ class LLMServer:
         *,
         prefill_chunk_tokens: int = 128,
         max_prefill_delay_steps: int = 4,
-        stream_max_chunks_per_s: float = 400.0,
+        stream_max_chunks_per_s: float = 200.0,
         stream_interval_max_ms: float = 100.0,
     ) -> None:
         torch.set_num_threads(torch_threads)
@@ -137,13 +136,10 @@ class LLMServer:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def stream_interval(self) -> int:
-        """Steps per chunk: 1 while every stream getting every token stays under the chunk budget."""
+    def chunk_period(self) -> float:
+        """Seconds between one stream's chunks: the replica's chunk budget shared by its streams."""
         assert self.engine is not None
-        running, step_s = self.engine.running, self.engine.step_s
-        if running <= 1 or step_s <= 0:
-            return 1
-        return max(1, math.ceil(running / (step_s * self.max_chunks_per_s)))
+        return min(self.interval_max_s, max(1, self.engine.running) / self.max_chunks_per_s)
 
     def _dispatch(self, outputs: list[Output]) -> None:
         """Event loop: file each output with its request; wake the requests whose chunk is due."""
@@ -154,29 +150,30 @@ class LLMServer:
             if out.finish_reason is not None:
                 req.open -= 1
             touched[req] = None
-        interval, now = self.stream_interval(), time.monotonic()
+        assert self.engine is not None
+        # Due at the step nearest the period (half a step early), so tokens are not held a step more.
+        period, now, half_step = self.chunk_period(), time.monotonic(), self.engine.step_s / 2
         for req in touched:
-            req.steps += 1
-            due = req.streaming and (
-                not req.started or req.steps >= interval or now - req.flushed >= self.interval_max_s
-            )
+            due = req.streaming and (not req.started or now - req.flushed + half_step >= period)
             if req.open == 0 or due:
                 req.ready.set()
 
     # ---- requests ---------------------------------------------------------------------------------
-    def _sequences(self, request: dict[str, Any], owner: _Request) -> tuple[list[Sequence], list[ChoiceText]]:
-        stop_ids = self.chat_stop_ids if request.get("chat") else self.eos_ids
-        if request.get("ignore_eos"):
+    def _sequences(
+        self, request: GenerationRequest, owner: _Request
+    ) -> tuple[list[Sequence], list[ChoiceText]]:
+        stop_ids = self.chat_stop_ids if request.chat else self.eos_ids
+        if request.ignore_eos:
             stop_ids = frozenset()
         seqs: list[Sequence] = []
         choices: list[ChoiceText] = []
-        n, seed, logprobs = request["n"], request.get("seed"), request.get("logprobs")
-        for prompt, max_tokens in zip(request["prompts"], request["max_tokens"], strict=True):
-            for j in range(n):
+        seed = request.seed
+        for prompt, max_tokens in zip(request.prompts, request.max_tokens, strict=True):
+            for j in range(request.n):
                 params = SamplingParams(
-                    temperature=request["temperature"],
-                    top_p=request["top_p"],
-                    top_k=request["top_k"],
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    top_k=request.top_k,
                     seed=None if seed is None else seed + j,
                 )
                 seq = Sequence(
@@ -186,28 +183,25 @@ class LLMServer:
                     params,
                     owner=owner,
                     index=len(seqs),
-                    logprobs=logprobs,
-                    prompt_logprobs=bool(request.get("prompt_logprobs")),
+                    logprobs=request.logprobs,
+                    prompt_logprobs=request.prompt_logprobs,
                 )
                 seqs.append(seq)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt)
-                choices.append(ChoiceText(detok, list(request["stop"]), stop_ids))
+                choices.append(ChoiceText(detok, list(request.stop), stop_ids))
         return seqs, choices
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """Stream chunks `[{"index", "text", "tokens", "finish_reason"[, "logprobs"]}, ...]` of a request.
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream a request's chunks: each a list of `ChunkItem`s, one per choice that moved on.
 
-        `request`: prompts (token id lists), n, max_tokens (one per prompt), temperature, top_p, top_k,
-        seed, stop (strings), chat (bool: also stop at the end-of-turn token), ignore_eos, stream
-        (False: one chunk at the end), logprobs (None or top-k count), prompt_logprobs (bool).
-        Items carry `logprobs` [(token, logprob, top)] when asked, and `prompt_logprobs` once.
+        A non-streaming request (`request.stream` False) gets its chunks only once every choice ended.
         """
         if self.encoder_decoder:
             yield await self._generate_seq2seq(request)
             return
         assert self.engine is not None
         self._loop = asyncio.get_running_loop()
-        req = _Request(len(request["prompts"]) * request["n"], request.get("stream", True))
+        req = _Request(request.choices, request.stream)
         seqs, choices = self._sequences(request, req)
         self.engine.submit(seqs)
         open_choices = set(range(len(seqs)))
@@ -225,7 +219,7 @@ class LLMServer:
 
     def _chunk(
         self, outputs: list[Output], seqs: list[Sequence], choices: list[ChoiceText], open_choices: set[int]
-    ) -> list[dict[str, Any]]:
+    ) -> GenerationChunk:
         """Turn one flush of engine outputs into chunk items: one detokenization per choice."""
         by_choice: dict[int, list[Output]] = {}
         for out in outputs:
@@ -238,18 +232,17 @@ class LLMServer:
                 raise RuntimeError("generation failed in the batch engine")
             choice, before = choices[index], choices[index].tokens
             tokens = [o.token for o in outs if o.token is not None]
-            item = _chunk_item(index)
-            item["text"] = choice.extend(tokens, outs[-1].finish_reason)
-            item["tokens"] = choice.tokens - before
-            self.tokens_sent += item["tokens"]
+            text = choice.extend(tokens, outs[-1].finish_reason)
+            item = ChunkItem(index, text, choice.tokens - before)
+            self.tokens_sent += item.tokens
             if seqs[index].logprobs is not None:
-                item["logprobs"] = [(o.token, o.logprob, o.top) for o in outs if o.token is not None]
-                item["logprobs"] = item["logprobs"][: item["tokens"]]
-            scored = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
-            if scored is not None:
-                item["prompt_logprobs"] = scored
+                scores = [(o.token, o.logprob, o.top) for o in outs if o.token is not None]
+                item.logprobs = scores[: item.tokens]
+            item.prompt_logprobs = next(
+                (o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None
+            )
             if choice.finish_reason is not None:
-                item["finish_reason"] = choice.finish_reason
+                item.finish_reason = choice.finish_reason
                 open_choices.discard(index)
                 if outs[-1].finish_reason is None:  # a stop string ended it: the engine still runs it
                     assert self.engine is not None
@@ -257,37 +250,37 @@ class LLMServer:
             chunk.append(item)
         return chunk
 
-    async def _generate_seq2seq(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _generate_seq2seq(self, request: GenerationRequest) -> GenerationChunk:
         """Encoder-decoder models: one `generate` call per sequence (simple path, no iteration batching)."""
         chunk = []
-        n, seed = request["n"], request.get("seed")
-        for p, (prompt, max_tokens) in enumerate(zip(request["prompts"], request["max_tokens"], strict=True)):
+        n, seed = request.n, request.seed
+        for p, (prompt, max_tokens) in enumerate(zip(request.prompts, request.max_tokens, strict=True)):
             for j in range(n):
                 sequence_seed = None if seed is None else seed + j
                 ids = await asyncio.to_thread(self._seq2seq_once, prompt, max_tokens, request, sequence_seed)
                 choice = ChoiceText(
-                    IncrementalDetokenizer(self.tokenizer, []), list(request["stop"]), self.eos_ids
+                    IncrementalDetokenizer(self.tokenizer, []), list(request.stop), self.eos_ids
                 )
-                item = _chunk_item(p * n + j)
+                item = ChunkItem(p * n + j)
                 for k, token in enumerate(ids):
                     reason = None
                     if k == len(ids) - 1:  # generate ended here: at eos, or at the length limit
                         reason = "length" if token not in self.eos_ids and len(ids) >= max_tokens else "stop"
-                    item["text"] += choice.push(token, reason)
+                    item.text += choice.push(token, reason)
                     if choice.finish_reason is not None:
                         break
-                item["tokens"], item["finish_reason"] = choice.tokens, choice.finish_reason or "stop"
+                item.tokens, item.finish_reason = choice.tokens, choice.finish_reason or "stop"
                 chunk.append(item)
         return chunk
 
     def _seq2seq_once(
-        self, prompt: list[int], max_tokens: int, request: dict[str, Any], seed: int | None
+        self, prompt: list[int], max_tokens: int, request: GenerationRequest, seed: int | None
     ) -> list:
-        sample = request["temperature"] > 0
+        sample = request.temperature > 0
         kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "do_sample": sample}
         if sample:
-            top_k = request["top_k"] or None
-            kwargs.update(temperature=request["temperature"], top_p=request["top_p"], top_k=top_k)
+            top_k = request.top_k or None
+            kwargs.update(temperature=request.temperature, top_p=request.top_p, top_k=top_k)
         with self._generate_lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Request and response models mirroring the OpenAI API (the subset raylm serves).
+"""Request and response models mirroring the OpenAI API (the subset raylm serves), and the typed
+contract between those routes and the replica's engine (`GenerationRequest` in, `ChunkItem`s out).
 
 Shapes follow the OpenAI spec as vLLM's `entrypoints/openai/protocol.py` mirrors it, so the official
 `openai` client works unchanged. Unknown fields are ignored, like vLLM does, so generic clients keep
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -294,3 +296,60 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             return [*out, {"role": "user", "content": self.input}]
         return [*out, *(m.for_template() for m in self.input)]
+
+
+# ---- routes ↔ replica: what `LLMServer.generate` takes and streams -----------------------------------
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob) of the most likely tokens, best first
+TokenScore = tuple[int, float | None, TopLogprobs | None]  # (token id, its logprob, top alternatives)
+PromptScore = tuple[float, TopLogprobs] | None  # a prompt token's logprob and top (None: the first token)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One API request as the engine sees it: token ids and sampling settings, no HTTP or OpenAI shape.
+
+    Built by the routes after validation and tokenization, so everything here is already checked.
+    """
+
+    prompts: list[list[int]]
+    max_tokens: list[int]  # one per prompt; 0 = score the prompt only (echo)
+    n: int = 1  # choices per prompt: choice `p * n + j` is prompt p's j-th sample
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # choice j samples with seed + j
+    stop: list[str] = field(default_factory=list)  # stop strings (not part of the text)
+    chat: bool = False  # also stop at the end-of-turn token
+    ignore_eos: bool = False  # always generate max_tokens
+    stream: bool = True  # False: no chunk before the end
+    logprobs: int | None = None  # None: none; k: each token's logprob and the top k
+    prompt_logprobs: bool = False  # logprobs of the prompt tokens too (echo scoring)
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass
+class ChunkItem:
+    """What one choice produced since its last chunk; a chunk (`GenerationChunk`) has one per choice."""
+
+    index: int
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None  # "stop" or "length" on the choice's last item
+    logprobs: list[TokenScore] = field(default_factory=list)  # one per token, when asked
+    prompt_logprobs: list[PromptScore] | None = None  # once, in the choice's first item, when asked
+
+    def add(self, later: ChunkItem) -> None:
+        """Append a later item of the same choice (a non-streaming response merges them all)."""
+        self.text += later.text
+        self.tokens += later.tokens
+        self.logprobs += later.logprobs
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = later.prompt_logprobs
+        if later.finish_reason:
+            self.finish_reason = later.finish_reason
+
+
+GenerationChunk = list[ChunkItem]

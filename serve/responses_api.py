@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve.errors import error_body
-from serve.protocol import ResponsesRequest, new_id
+from serve.protocol import GenerationChunk, ResponsesRequest, new_id
 
 log = logging.getLogger("ray.serve")
 
@@ -104,7 +104,7 @@ class ResponsesStream:
         )
 
     async def sse(
-        self, chunks: AsyncIterator[list[dict[str, Any]]], first: list[dict[str, Any]]
+        self, chunks: AsyncIterator[GenerationChunk], first: GenerationChunk
     ) -> AsyncIterator[str]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
@@ -121,10 +121,10 @@ class ResponsesStream:
             chunk = first
             while True:
                 (item,) = chunk
-                text, tokens = text + item["text"], tokens + item["tokens"]
-                reason = item["finish_reason"] or reason
-                if item["text"]:
-                    yield self._event("response.output_text.delta", delta=item["text"], logprobs=[], **where)
+                text, tokens = text + item.text, tokens + item.tokens
+                reason = item.finish_reason or reason
+                if item.text:
+                    yield self._event("response.output_text.delta", delta=item.text, logprobs=[], **where)
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:

@@ -73,13 +73,14 @@ def test_client_disconnect_frees_the_batch_slot(app):
     assert stats["cancelled"] == before["cancelled"] + 1  # removed early, not finished by max_tokens
 
 
-def test_stream_interval_adapts_to_the_number_of_streams(serve_http, tiny_model):
-    """A lone stream gets a chunk per token; with many streams over the chunk budget, a chunk carries
-    every token since the last one, and the streamed text is unchanged."""
+def test_stream_chunks_follow_the_replica_chunk_budget(serve_http, tiny_model):
+    """Over the chunk budget, a stream gets its first token at once and then chunks that carry every
+    token since the last one, alone or among others, and the streamed text is unchanged. A budget of
+    one chunk per 100 s leaves exactly two chunks per stream: the first token, then the rest at the end."""
     from tests.serve.conftest import run_app
 
     app = run_app(
-        serve_http, tiny_model, "interval", stream_max_chunks_per_s=1, stream_interval_max_ms=600_000
+        serve_http, tiny_model, "interval", stream_max_chunks_per_s=0.01, stream_interval_max_ms=600_000
     )
     body = {"model": app.model, "prompt": "KING:", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -106,6 +107,4 @@ def test_stream_interval_adapts_to_the_number_of_streams(serve_http, tiny_model)
         serve.delete(app.name)
     text = full["choices"][0]["text"]
     assert alone[0] == text and all(t == text for t, _ in together)
-    # alone: a chunk per step (two only if the event loop fell a step behind); six streams over the
-    # budget: the first token, then chunks only as the batch thins out at the end
-    assert alone[1] > 2 * min(n for _, n in together)
+    assert alone[1] == 2 and all(n == 2 for _, n in together)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
 from serve.model_server import LLMServer
+from serve.protocol import ChunkItem, GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,8 @@ def tiny_t5(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tokenize
     return out
 
 
-def run(server: LLMServer, request: dict) -> list[dict]:
-    async def collect() -> list[dict]:
+def run(server: LLMServer, request: GenerationRequest) -> list[ChunkItem]:
+    async def collect() -> list[ChunkItem]:
         return [item async for chunk in server.generate(request) for item in chunk]
 
     return asyncio.run(collect())
@@ -47,22 +49,12 @@ def test_seq2seq_generates_and_reports_length(tiny_t5: Path, tokenizer):
     server = LLMServer(str(tiny_t5), max_batch_size=4, torch_threads=1)
     assert server.encoder_decoder and server.engine is None
     prompt = tokenizer("translate: good morrow")["input_ids"]
-    request = {
-        "prompts": [prompt],
-        "max_tokens": [6],
-        "n": 2,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "seed": None,
-        "stop": [],
-        "chat": False,
-    }
+    request = GenerationRequest(prompts=[prompt], max_tokens=[6], n=2, temperature=0.0)
     items = run(server, request)
-    assert [i["index"] for i in items] == [0, 1]
-    assert items[0]["text"] == items[1]["text"]  # greedy
+    assert [i.index for i in items] == [0, 1]
+    assert items[0].text == items[1].text  # greedy
     for item in items:
-        assert 1 <= item["tokens"] <= 6
-        assert item["finish_reason"] == ("length" if item["tokens"] == 6 else "stop")
-    sampled = run(server, {**request, "temperature": 1.0, "seed": 5, "n": 1})
-    assert sampled == run(server, {**request, "temperature": 1.0, "seed": 5, "n": 1})
+        assert 1 <= item.tokens <= 6
+        assert item.finish_reason == ("length" if item.tokens == 6 else "stop")
+    seeded = dataclasses.replace(request, temperature=1.0, seed=5, n=1)
+    assert run(server, seeded) == run(server, seeded)
