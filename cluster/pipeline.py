@@ -93,7 +93,7 @@ def _pretrain_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     stage_dir = cfg.layout().stage_dir(layout.Stage.PRETRAIN)
     with follow_metrics(stage_dir, cfg.train.max_steps):
         result = run(cfg, resume=resume)
-    summary = training_summary(stage_dir)
+    summary = _with_estimate(training_summary(stage_dir), cfg, "train")
     return {"export": str(result.export_dir), "checkpoint": str(result.checkpoint), "summary": summary}
 
 
@@ -103,7 +103,15 @@ def _finetune_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     stage_dir = cfg.layout().stage_dir(layout.Stage.FINETUNE)
     with follow_metrics(stage_dir, cfg.finetune.max_steps):
         export = run(cfg, resume=resume)
-    return {"export": str(export), "summary": training_summary(stage_dir)}
+    return {"export": str(export), "summary": _with_estimate(training_summary(stage_dir), cfg, "finetune")}
+
+
+def _with_estimate(summary: str, cfg: RunConfig, stage: str) -> str:
+    """A training stage's summary line, with the memory its preflight estimated per worker."""
+    from cluster.preflight import read_estimate
+
+    est = read_estimate(cfg, stage)
+    return f"{summary} · {est.short()}" if est else summary
 
 
 def _eval_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:

@@ -515,10 +515,11 @@ def check_memory(
 
 
 def estimate_path(cfg: RunConfig, stage: str) -> Path:
-    """`<run>/preflight/memory_<stage>.json`: beside the stage folder, which a fresh run clears."""
+    """`<run>/preflight/memory_<stage>.json` in this process's copy of the run folder."""
+    from data_pipelines.layout import RunLayout, Stage
     from jobs.pretrain import local_run_dir
 
-    return local_run_dir(cfg) / "preflight" / f"memory_{'pretrain' if stage == 'train' else stage}.json"
+    return RunLayout(local_run_dir(cfg)).memory_estimate(Stage.PRETRAIN if stage == "train" else stage)
 
 
 def read_estimate(cfg: RunConfig, stage: str) -> MemoryEstimate | None:

@@ -111,6 +111,11 @@ class RunLayout:
         """The API key the pipeline generated for its endpoint (mode 0600)."""
         return self.root / "serve" / "api_key"
 
+    def memory_estimate(self, stage: Stage | str) -> Path:
+        """The preflight's memory estimate of a training stage, beside (not in) the stage folder that a
+        fresh run clears, so the end-of-run summary can still read it."""
+        return self.root / "preflight" / f"memory_{stage}.json"
+
     @property
     def report(self) -> Path:
         return self.root / "report.md"

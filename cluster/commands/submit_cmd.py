@@ -121,7 +121,7 @@ def submit_command(
     cfg = load_or_exit(config, set_)
     with _user_errors():
         client = JobsClient(address, cfg.cluster.auth_token_file, default=cfg.cluster.dashboard_address)
-        if demand and not cfg.cluster.autoscaler:  # never hold a job that cannot start
+        if demand and cfg.cluster.autoscaler is not True:  # auto: no GCS to ask from here
             check_fits(cfg, demand, client.node_resources())
         sub = submit(cfg, stage=stage, client=client, rerun=rerun, resume=resume)
         verb = "already submitted" if sub.reused else "submitted"

@@ -359,14 +359,9 @@ def test_submit_refuses_a_job_the_cluster_cannot_hold_before_uploading(ray_clust
     assert {j.submission_id for j in JobsClient(ray_cluster.dashboard_url).list()} == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cluster/commands/submit_cmd.py skips check_fits when cluster.autoscaler is truthy, and the "
-    "default 'auto' is: its guard must read `cfg.cluster.autoscaler is not True` (integrator's change)",
-)
 def test_submit_refuses_on_the_default_autoscaler_setting(ray_cluster) -> None:
-    """A submitted job runs `jobs.*` directly (no preflight of its own), so `auto` must refuse before
-    uploading too: the Jobs API shows no autoscaler, so only `cluster.autoscaler: true` skips this."""
+    """`auto` must refuse before uploading too: the Jobs API shows no autoscaler, so only
+    `cluster.autoscaler: true` skips this check (the job's own preflight would fail only after upload)."""
     from cluster.jobs_client import JobsClient
 
     client = JobsClient(ray_cluster.dashboard_url)
