@@ -1,15 +1,23 @@
-"""Training throughput: plain PyTorch vs raylm (Ray Train + DeepSpeed) on the same tiny Llama.
+"""Training throughput: plain PyTorch vs raylm (Ray Train + DeepSpeed) on the same model, data, optimizer.
 
-Same model (~12M parameters, seq_len 256), same global batch, same number of steps, random tokens:
-  (a) one process, torch.optim.AdamW, all cores as intra-op threads;
-  (b) raylm, 1 worker (ZeRO stage 0, all cores);
-  (c) raylm, 2 workers, ZeRO-3 (one core each);  plus 2 workers ZeRO-1 with --variants.
-Steady state only: the first `--warmup-steps` are excluded, and raylm rates come from the workers'
-own timestamps (`train_time_s` in metrics.jsonl), so Ray/DeepSpeed start-up is not counted. (a) is run
-again right before each raylm setting and each ratio uses that neighbouring run (shared machines drift).
-MFU uses the PaLM 6N + 12·L·H·Q·T FLOPs per token against a matmul FLOP/s this script measures.
+Two model sizes, each against a plain PyTorch loop over the same model, rows and torch AdamW measured
+in the same run (re-measured right before each raylm run: a shared machine drifts between minutes):
 
-    python benchmarks/train_throughput.py [--steps 24] [--json out.json]
+  12.5M  Llama 8 x 320, seq 256, global batch 8, BPE-4096, random tokens (from memory, two epochs);
+         raylm 1 worker ZeRO-0 (all cores) and 2 workers ZeRO-3 (one core each); --variants adds ZeRO-1.
+  0.8M   Llama 4 x 128, seq 64, micro batch 12, char tokenizer, 2 threads; raylm 1 worker ZeRO-0 fed
+         by the real streamed data pipeline (read → tokenise → pack) over a slice of tinyshakespeare,
+         sized so the run crosses an epoch boundary (the plain loop gets the same packed rows).
+
+Each setting runs `--rounds` times (default 3); the tables print the median tokens/s and the median
+ratio to plain PyTorch. Rates are steady state: the first `warmup` steps are excluded, and raylm rates
+come from the workers' own timestamps (`train_time_s` in metrics.jsonl), so Ray/DeepSpeed start-up is
+not counted, but an epoch boundary is. "longest step" is the longest wall interval between two
+consecutive logged steps after warm-up (log_every=1), including the epoch boundary, and "boundary" the
+interval of the step that crossed it. "start" is the launch → first logged step time of the run.
+
+    python benchmarks/train_throughput.py [--sizes 12.5M,0.8M] [--rounds 3] [--variants] [--json out.json]
+    python benchmarks/train_throughput.py --rounds 1 --scale 0.1   # does it work? (figures meaningless)
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,45 +38,61 @@ import torch
 from cluster.config import RunConfig, load_config
 from data_pipelines.config import TokenizerConfig
 from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
+from jobs.metrics import startup_timings
 from jobs.model import FlopsSpec, build_model, count_params, hf_config
 
-SEQ_LEN = 256
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
-MODEL = {
-    "model.hidden_size": 320,
-    "model.num_layers": 8,
-    "model.num_heads": 5,
-    "model.intermediate_size": 864,
-    "model.max_position_embeddings": SEQ_LEN,
+
+
+@dataclass(frozen=True)
+class Size:
+    """One model size and how it is fed and measured."""
+
+    model: dict[str, Any]
+    seq_len: int
+    global_batch: int
+    steps: int
+    warmup: int
+    settings: tuple[tuple[str, int, int], ...]  # (name, workers, ZeRO stage)
+    variants: tuple[tuple[str, int, int], ...] = ()
+    threads: int | None = None  # intra-op threads in total (None = all cores)
+    corpus_chars: int = 0  # > 0: stream this many characters of tinyshakespeare through the pipeline
+
+
+SIZES = {
+    "12.5M": Size(
+        model={"model.hidden_size": 320, "model.num_layers": 8, "model.num_heads": 5,
+               "model.intermediate_size": 864, "model.max_position_embeddings": 256},
+        seq_len=256, global_batch=8, steps=24, warmup=6,
+        settings=(("1worker_zero0", 1, 0), ("2workers_zero3", 2, 3)),
+        variants=(("2workers_zero1", 2, 1),),
+    ),
+    "0.8M": Size(
+        model={"model.hidden_size": 128, "model.num_layers": 4, "model.num_heads": 4,
+               "model.intermediate_size": 344, "model.max_position_embeddings": 64},
+        seq_len=64, global_batch=12, steps=400, warmup=40, threads=2, corpus_chars=180_000,
+        settings=(("1worker_zero0", 1, 0),),
+    ),
 }
 
 
-def matmul_flops(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
-    """Measured fp32 matmul FLOP/s with `threads` intra-op threads: the MFU denominator."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
-
-
-def run_config(
-    root: Path, name: str, steps: int, batch: int, workers: int, stage: int, threads: int
-) -> RunConfig:
+def run_config(root: Path, name: str, size: Size, workers: int, stage: int, threads: int) -> RunConfig:
     sets = {
-        **MODEL,
-        "data.seq_len": SEQ_LEN,
+        **size.model,
+        "data.seq_len": size.seq_len,
+        "data.paths": f"[{root / 'corpus.txt'}]",
+        "data.val_fraction": 0.0,
+        "tokenizer.kind": "char",
+        "tokenizer.vocab_size": 128,
+        "tokenizer.min_frequency": 1,
         "cluster.storage_path": str(root),
         "cluster.run_name": name,
         "train.num_workers": workers,
         "train.cpus_per_worker": 1,
         "train.torch_threads": threads,
         "train.zero_stage": stage,
-        "train.micro_batch_size": batch // workers,
-        "train.max_steps": steps,
+        "train.micro_batch_size": size.global_batch // workers,
+        "train.max_steps": size.steps,
         "train.log_every": 1,
         "train.eval_every": 10**6,
         "train.checkpoint_every": 10**6,
@@ -76,111 +102,140 @@ def run_config(
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
 
 
-def plain_pytorch(
-    cfg: RunConfig, tokenizer_dir: str, tokens: np.ndarray, batch: int, warmup: int, threads: int
-) -> float:
-    """(a): the reference loop a researcher would write, no Ray, no DeepSpeed."""
+def plain_pytorch(cfg: RunConfig, tokenizer_dir: str, rows: np.ndarray, size: Size, threads: int) -> float:
+    """The reference loop a researcher would write: no Ray, no DeepSpeed; rows cycle like epochs."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(hf_config(cfg.model, load_tokenizer(tokenizer_dir), SEQ_LEN)).train()
+    model = build_model(hf_config(cfg.model, load_tokenizer(tokenizer_dir), size.seq_len)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=0.1)
-    data = torch.from_numpy(tokens).long()
+    data = torch.from_numpy(rows).long()
+    per_epoch = len(data) // size.global_batch
     start = 0.0
-    for step in range(cfg.train.max_steps):
-        if step == warmup:
+    for step in range(size.steps):
+        if step == size.warmup:
             start = time.perf_counter()
-        ids = data[step * batch : (step + 1) * batch]
+        i = step % per_epoch
+        ids = data[i * size.global_batch : (i + 1) * size.global_batch]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (cfg.train.max_steps - warmup) * batch * SEQ_LEN / (time.perf_counter() - start)
+    return (size.steps - size.warmup) * size.global_batch * size.seq_len / (time.perf_counter() - start)
 
 
-def raylm(cfg: RunConfig, tokenizer_dir: str, tokens: np.ndarray, warmup: int) -> float:
-    """(b)/(c): the real pretraining path; steady-state rate from the workers' own timestamps."""
-    import ray.data
-
+def raylm(cfg: RunConfig, tokenizer_dir: str, train_ds: Any, size: Size) -> dict[str, float]:
+    """The real pretraining path: steady-state rate, longest step interval, start-up."""
     from jobs.pretrain import train
 
-    train_ds = ray.data.from_items([{"input_ids": row} for row in tokens])
-    result = train(cfg, train_ds, None, tokenizer_dir, SEQ_LEN, export_model=False, progress=False)
-    recs = {r["step"]: r for r in result.metrics if r["event"] == "train"}
-    first, last = recs[warmup], recs[cfg.train.max_steps]
-    return (last["tokens_seen"] - first["tokens_seen"]) / (last["train_time_s"] - first["train_time_s"])
+    result = train(cfg, train_ds, None, tokenizer_dir, size.seq_len, export_model=False, progress=False)
+    recs = [r for r in result.metrics if r["event"] == "train"]
+    by_step = {r["step"]: r for r in recs}
+    first, last = by_step[size.warmup], by_step[size.steps]
+    rate = (last["tokens_seen"] - first["tokens_seen"]) / (last["train_time_s"] - first["train_time_s"])
+    steady = [r for r in recs if r["step"] >= size.warmup]
+    gaps = [(b["time"] - a["time"], b) for a, b in zip(steady, steady[1:], strict=False)]
+    crossing = [g for g, b in gaps if b["epoch"] != by_step[b["step"] - 1]["epoch"]]
+    return {
+        "tokens_per_s": rate,
+        "longest_step_s": max(g for g, _ in gaps),
+        "median_step_s": statistics.median(g for g, _ in gaps),
+        "boundary_step_s": max(crossing) if crossing else float("nan"),
+        "epochs": last["epoch"],
+        "start_s": startup_timings(result.metrics).get("fit_to_first_step_s", float("nan")),
+    }
+
+
+def size_data(size: Size, root: Path, cfg: RunConfig) -> tuple[str, Any, np.ndarray]:
+    """(tokenizer dir, a function giving the raylm train dataset, the same rows for plain PyTorch)."""
+    import ray.data
+
+    if size.corpus_chars:
+        # The real streamed pipeline over a corpus sized to cross an epoch boundary mid-run.
+        from data_pipelines.pipeline import token_datasets
+
+        td = token_datasets(cfg.data, cfg.tokenizer, cfg.run_dir())
+        rows = np.stack([r["input_ids"] for r in td.train.take_all()])
+        return td.tokenizer_dir, lambda: token_datasets(cfg.data, cfg.tokenizer, cfg.run_dir()).train, rows
+    tok_dir = str(train_tokenizer([SHAKESPEARE.read_text(encoding="utf-8")[:300_000]],
+                                  TokenizerConfig(kind="bpe", vocab_size=4096), root / "tok"))
+    vocab = len(load_tokenizer(tok_dir))
+    # Half the rows the run needs: it crosses an epoch boundary halfway through.
+    shape = (size.steps * size.global_batch // 2, size.seq_len)
+    rows = np.random.default_rng(0).integers(0, vocab, shape, dtype=np.int32)
+    return tok_dir, lambda: ray.data.from_items([{"input_ids": row} for row in rows]), rows
+
+
+def bench_size(label: str, size: Size, root: Path, rounds: int, variants: bool) -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    threads = size.threads or cores
+    root = root / label
+    root.mkdir(parents=True)
+    (root / "corpus.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[: size.corpus_chars or 1000])
+    base = run_config(root, "prep", size, 1, 0, threads)
+    tok_dir, train_ds, rows = size_data(size, root, base)
+    model = build_model(hf_config(base.model, load_tokenizer(tok_dir), size.seq_len))
+    flops = FlopsSpec.of(model.config, count_params(model), size.seq_len).flops_per_token()
+    per_epoch = len(rows) // size.global_batch
+    print(f"\n== {label}: {count_params(model) / 1e6:.2f}M parameters, seq {size.seq_len}, global batch "
+          f"{size.global_batch}, {size.steps} steps ({per_epoch} per epoch), {threads} threads in total")
+    settings = size.settings + (size.variants if variants else ())
+    out: dict[str, Any] = {"params": count_params(model), "flops_per_token": flops, "settings": {}}
+    for name, workers, stage in settings:
+        runs, plains = [], []
+        for r in range(rounds):
+            plains.append(plain_pytorch(base, tok_dir, rows, size, threads))
+            cfg = run_config(root, f"{name}-{r}", size, workers, stage, max(1, threads // workers))
+            runs.append(raylm(cfg, tok_dir, train_ds(), size))
+            print(f"  {name} round {r + 1}: {runs[-1]['tokens_per_s']:,.0f} tok/s; plain just before "
+                  f"{plains[-1]:,.0f}; longest step {runs[-1]['longest_step_s'] * 1e3:.0f} ms", flush=True)
+        med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        out["settings"][name] = {
+            **med,
+            "plain_tokens_per_s": statistics.median(plains),
+            "ratio_to_plain": statistics.median(run["tokens_per_s"] / p for run, p in zip(runs, plains,
+                                                                                          strict=True)),
+            "rounds": runs,
+        }
+    print(f"  {'setting':16} {'tok/s':>9} {'plain':>9} {'ratio':>6} {'step ms':>8} {'longest':>8} "
+          f"{'boundary':>9} {'start s':>8}")
+    for name, s in out["settings"].items():
+        print(f"  {name:16} {s['tokens_per_s']:9,.0f} {s['plain_tokens_per_s']:9,.0f} "
+              f"{s['ratio_to_plain']:5.2f}x {s['median_step_s'] * 1e3:8.0f} {s['longest_step_s'] * 1e3:8.0f} "
+              f"{s['boundary_step_s'] * 1e3:9.0f} {s['start_s']:8.1f}")
+    best = max(out["settings"], key=lambda k: out["settings"][k]["ratio_to_plain"])
+    out["best"] = {"setting": best, "ratio_to_plain": out["settings"][best]["ratio_to_plain"]}
+    print(f"  best: {best} at {out['best']['ratio_to_plain']:.2f}x of plain PyTorch (target >= 0.9x)")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--warmup-steps", type=int, default=6)
-    parser.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step (even)")
-    parser.add_argument("--variants", action="store_true", help="also 2 workers with ZeRO-1")
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per setting; medians are printed")
+    parser.add_argument("--variants", action="store_true", help="also 2 workers with ZeRO-1 (12.5M)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="scale steps, warm-up and corpus (e.g. 0.1 to check the script works)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     from cluster.config import ClusterConfig
     from cluster.local_ray import ensure_ray
 
-    cores = os.cpu_count() or 1
-    root = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
-    tok_dir = str(
-        train_tokenizer(
-            [SHAKESPEARE.read_text(encoding="utf-8")[:300_000]],
-            TokenizerConfig(kind="bpe", vocab_size=4096),
-            root / "tok",
-        )
-    )
-    vocab = len(load_tokenizer(tok_dir))
-    shape = (args.steps * args.global_batch, SEQ_LEN)
-    tokens = np.random.default_rng(0).integers(0, vocab, shape, dtype=np.int32)
-    peak = matmul_flops(cores)
-    base = run_config(root, "plain", args.steps, args.global_batch, 1, 0, cores)
-    model = build_model(hf_config(base.model, load_tokenizer(tok_dir), SEQ_LEN))
-    flops = FlopsSpec.of(model.config, count_params(model), SEQ_LEN).flops_per_token()
-    print(
-        f"model: {count_params(model) / 1e6:.1f}M parameters, {flops / 1e6:.1f} MFLOP/token; "
-        f"measured matmul peak {peak / 1e9:.1f} GFLOP/s on {cores} cores"
-    )
-
     ensure_ray(ClusterConfig())
-    settings = [("b_raylm_1worker_zero0", 1, 0, cores), ("c_raylm_2workers_zero3", 2, 3, max(1, cores // 2))]
-    if args.variants:
-        settings.append(("d_raylm_2workers_zero1", 2, 1, max(1, cores // 2)))
-    results, plains = {}, {}
-    for name, workers, stage, threads in settings:
-        # (a) is re-measured right before each setting: a shared machine drifts by tens of percent
-        # between minutes, and each ratio should compare two runs that saw the same machine.
-        plains[name] = plain_pytorch(base, tok_dir, tokens, args.global_batch, args.warmup_steps, cores)
-        cfg = run_config(root, name, args.steps, args.global_batch, workers, stage, threads)
-        results[name] = raylm(cfg, tok_dir, tokens, args.warmup_steps)
-        print(f"{name}: {results[name]:,.0f} tok/s; (a) just before: {plains[name]:,.0f} tok/s")
-
-    ref = statistics.median(plains.values())
-    report = {
-        "model_params": count_params(model),
-        "seq_len": SEQ_LEN,
-        "global_batch": args.global_batch,
-        "steps": args.steps,
-        "warmup_steps": args.warmup_steps,
-        "matmul_flops": peak,
-        "settings": {"a_plain_pytorch": {"tokens_per_s": ref, "ratio_to_a": 1.0, "mfu": ref * flops / peak}},
-    }
-    print(f"{'setting':28} {'tokens/s':>10} {'(a) before':>11} {'vs (a)':>8} {'MFU':>7}")
-    print(f"{'a_plain_pytorch (median)':28} {ref:10,.0f} {'':>11} {1.0:8.2f} {ref * flops / peak:7.1%}")
-    for name, rate in results.items():
-        entry = {
-            "tokens_per_s": rate,
-            "plain_tokens_per_s_before": plains[name],
-            "ratio_to_a": rate / plains[name],
-            "mfu": rate * flops / peak,
-        }
-        report["settings"][name] = entry
-        print(f"{name:28} {rate:10,.0f} {plains[name]:11,.0f} {entry['ratio_to_a']:8.2f} {entry['mfu']:7.1%}")
-    best = max(results, key=lambda k: results[k] / plains[k])
-    report["best_raylm"] = {"setting": best, "ratio_to_a": results[best] / plains[best]}
-    ratio = results[best] / plains[best]
-    print(f"best raylm setting: {best} at {ratio:.2f}x of plain PyTorch (target >= 0.85x)")
+    root = Path(tempfile.mkdtemp(prefix="raylm-bench-"))
+    report = {}
+    for label in args.sizes.split(","):
+        size = SIZES[label]
+        if args.scale != 1.0:  # a smoke check: fewer steps and a smaller corpus, same shape of run
+            warmup = max(1, round(size.warmup * args.scale))
+            size = replace(size, steps=max(warmup + 4, round(size.steps * args.scale)), warmup=warmup,
+                           corpus_chars=round(size.corpus_chars * args.scale))
+        report[label] = bench_size(label, size, root, args.rounds, args.variants)
+    if "12.5M" in report:
+        zero3 = report["12.5M"]["settings"].get("2workers_zero3")
+        if zero3:
+            ratio = zero3["ratio_to_plain"]
+            print(f"12.5M 2 workers ZeRO-3: {ratio:.2f}x of plain PyTorch (target >= 0.85x)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

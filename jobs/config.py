@@ -74,6 +74,15 @@ class TrainConfig(ScheduleConfig):
         2048, ge=1, description="blocks each worker's local shuffle buffer holds (memory: n x seq_len x 4 B)"
     )
     peak_flops: float = Field(1e12, gt=0, description="per-worker peak FLOP/s for the MFU estimate")
+    optimizer_impl: Literal["auto", "torch", "torch_fused", "deepspeed_fused"] = Field(
+        "auto", description="AdamW kernel: auto = DeepSpeed's fused Adam on GPU (CPU Adam when offloading), "
+        "torch.optim.AdamW on CPU; torch_fused = torch's fused CUDA AdamW (no DeepSpeed op build)"
+    )
+    torch_compile: bool = Field(False, description="torch.compile the model (GPU); compile time is logged")
+    cache_train_mb: int = Field(
+        256, ge=0, description="keep the packed training split in the object store when it is at most this "
+        "size, so later epochs don't re-run the data pipeline (0 = re-stream every epoch)"
+    )
 
 
 class FinetuneConfig(ScheduleConfig):

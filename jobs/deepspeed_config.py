@@ -19,6 +19,44 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return cfg.precision
 
 
+def loop_clips_gradients(cfg: TrainConfig) -> bool:
+    """fp32 without ZeRO: the train loop clips (one foreach norm, which it also logs), not DeepSpeed.
+
+    DeepSpeed's fp32 ZeRO-0 clipping loops over parameters in Python and all-reduces the norm every
+    step, and keeps no norm to report; the ZeRO and bf16/fp16 optimizers clip inside their own step.
+    """
+    return cfg.zero_stage == 0 and resolve_precision(cfg) == "fp32"
+
+
+def optimizer_impl_params(cfg: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed optimizer params that pick the AdamW kernel (`train.optimizer_impl`).
+
+    auto: DeepSpeed's multi-tensor FusedAdam on GPU (its CPUAdam when the optimizer is offloaded) and
+    torch.optim.AdamW on CPU, where DeepSpeed's ops would need a C++ build. `torch_fused` is torch's
+    own fused CUDA AdamW through DeepSpeed's `torch_adam` path: fused without building a DeepSpeed op.
+    """
+    offloading = cfg.offload_optimizer or cfg.offload_params
+    impl = cfg.optimizer_impl
+    if impl == "auto":
+        impl = "deepspeed_fused" if cfg.use_gpu or offloading else "torch"
+    if impl == "torch_fused" and not cfg.use_gpu:
+        raise ValueError(
+            "train.optimizer_impl torch_fused needs train.use_gpu true (allowed on CPU: auto, torch)"
+        )
+    if impl == "deepspeed_fused" and not (cfg.use_gpu or offloading):
+        raise ValueError(
+            "train.optimizer_impl deepspeed_fused needs train.use_gpu true or an offloaded optimizer "
+            "(allowed on CPU: auto, torch)"
+        )
+    if impl == "torch_fused" and offloading:
+        raise ValueError("train.optimizer_impl torch_fused cannot step an offloaded optimizer (use auto)")
+    if impl == "torch":
+        return {"torch_adam": True}
+    if impl == "torch_fused":
+        return {"torch_adam": True, "fused": True}
+    return {}
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed config dict for `world_size` workers (LR schedule is separate: see `lr_lambda`).
 
@@ -26,7 +64,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
     how a ZeRO checkpoint written by a different number of workers is resumed.
     """
     precision = resolve_precision(cfg)
-    offloading = cfg.offload_optimizer or cfg.offload_params
     if cfg.offload_params and cfg.zero_stage != 3:
         raise ValueError(f"train.offload_params needs train.zero_stage 3 (got {cfg.zero_stage})")
     if cfg.offload_optimizer and cfg.zero_stage == 0:
@@ -45,14 +82,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
         "eps": 1e-8,
         "weight_decay": cfg.weight_decay,
     }
-    if not offloading and not cfg.use_gpu:
-        # torch.optim.AdamW: DeepSpeed's FusedAdam/CPUAdam would need a C++ op build on CPU-only hosts.
-        optimizer_params["torch_adam"] = True
+    optimizer_params.update(optimizer_impl_params(cfg))
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if loop_clips_gradients(cfg) else cfg.grad_clip,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "zero_optimization": zero,
         "steps_per_print": 10**9,

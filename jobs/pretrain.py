@@ -21,7 +21,7 @@ from data_pipelines.layout import RunLayout, Stage
 from data_pipelines.tokenizer import load_tokenizer
 from jobs.config import RunSections
 from jobs.export import export
-from jobs.metrics import plot_loss_curve, read_metrics, summary_table
+from jobs.metrics import log_event, plot_loss_curve, read_metrics, summary_table
 from jobs.model import build_model, hf_config
 from jobs.train_loop import LoopSpec, check_fresh, final_checkpoint, fit
 
@@ -84,14 +84,15 @@ def train(
     if val_ds is None:
         spec.val_dataset = None
     fit(spec, datasets, resume=resume, progress=progress)
-    records = read_metrics(spec.out_dir)
-    curve = plot_loss_curve(records, spec.out_dir / "loss_curve.png") if records else None
-    console.print(summary_table(records, f"pretrain · {cfg.run_name}"))
     checkpoint = final_checkpoint(spec)
     out = None
     if export_model:
         out = export(checkpoint, RunLayout(Path(spec.run_dir)).pretrained)
+        log_event(spec.out_dir, "exported", path=str(out))  # the summary's "last step → export" row
         console.print(f"exported Hugging Face model to [bold]{out}[/]")
+    records = read_metrics(spec.out_dir)
+    curve = plot_loss_curve(records, spec.out_dir / "loss_curve.png") if records else None
+    console.print(summary_table(records, f"pretrain · {cfg.run_name}"))
     return PretrainResult(Path(spec.run_dir), checkpoint, out, records, curve)
 
 

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ from jobs.checkpointing import (
     write_meta,
 )
 from jobs.config import TrainConfig
-from jobs.deepspeed_config import deepspeed_config, lr_lambda
-from jobs.metrics import MetricsWriter, ProgressTail, mfu
+from jobs.deepspeed_config import deepspeed_config, loop_clips_gradients, lr_lambda
+from jobs.metrics import MetricsWriter, ProgressTail, log_launch, mfu, peak_flops
 from jobs.model import FlopsSpec, count_params
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,34 @@ class _Resume:
     convert_s: float = 0.0
 
 
+class _Interval:
+    """Loss and token sums since the last log, kept on the device so a micro step never syncs the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.tokens, self.micro = 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += loss
+        self.tokens += tokens
+        self.micro += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def reduce(self, dist: Any, world: int) -> tuple[float, float]:
+        """(mean micro-batch loss over all ranks, total tokens of all ranks): one all-reduce, one sync."""
+        t = torch.stack([self.loss_sum / max(self.micro, 1), self.loss_sum.new_tensor(float(self.tokens))])
+        dist.all_reduce(t)
+        loss_mean, tokens = t.tolist()
+        return loss_mean / world, tokens
+
+
 class _Worker:
     """State of one training worker; methods are the phases of `train_loop_per_worker`."""
 
@@ -251,17 +279,24 @@ class _Worker:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg)),
         )
-        # fp32 without ZeRO: DeepSpeed clips with the plain-torch path and keeps no norm, so measure it
-        # here (after the gradients are averaged, before the step clears them); the other paths report it.
-        self._own_grad_norm = not (
-            self.cfg.zero_stage or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
-        )
+        # fp32 without ZeRO: the loop clips (see `loop_clips_gradients`) and so has the norm; the other
+        # paths clip inside DeepSpeed, which reports the norm.
+        self._own_grad_norm = loop_clips_gradients(self.cfg)
         if self.world == 1 and self.cfg.zero_stage == 0:
             # One worker has nothing to average: skip DeepSpeed's flatten → all-reduce → unflatten copy
             # of every gradient on every step (a few percent of a small model's step on CPU).
             self.engine.enable_backward_allreduce = False
-        self.writer = MetricsWriter(spec.out_dir) if self.rank == 0 else None
+        self._compile_pending = False
+        if getattr(self.cfg, "torch_compile", False):
+            self.engine.compile()  # compiles lazily: the first micro step's time is logged as "compile"
+            self._compile_pending = True
+        device_name = torch.cuda.get_device_name(self.device) if self.cfg.use_gpu else None
+        self.peak_flops = peak_flops(device_name, self.cfg.peak_flops)
+        self.writer = MetricsWriter.for_rank(spec.out_dir, self.rank)
         self.step, self.tokens_seen, self.epoch, self.micro_in_epoch = 0, 0, 0, 0
+        self.train_time = 0.0
+        self._own_norm: torch.Tensor | float = float("nan")
+        self._last_metrics: dict[str, Any] = {}
         self._val_batches: list[Batch] | None = None
 
     # -- resume --------------------------------------------------------------------------------------
@@ -305,8 +340,7 @@ class _Worker:
             return None  # a fresh run
         for path, reason in resume.skipped:
             log.warning("skipping incomplete checkpoint %s: %s", path, reason)
-            if self.writer:
-                self.writer.log("checkpoint_skipped", self.step, path=path, reason=reason)
+            self.writer.log("checkpoint_skipped", self.step, path=path, reason=reason)
         if resume.path is None:
             log.warning("no complete checkpoint under %s; starting from step 0", self.spec.out_dir)
             return None
@@ -321,12 +355,11 @@ class _Worker:
             _unshare_step_counts(self.engine.optimizer)
             # Same samples of the epoch consumed; which ones each new worker skips differs (new split).
             self.micro_in_epoch = self.micro_in_epoch * meta["world_size"] // self.world
-            if self.writer:
-                self.writer.log(
-                    "elastic_resume", self.step, from_world_size=meta["world_size"],
-                    to_world_size=self.world, universal_dir=str(resume.load_dir),
-                    conversion_s=resume.convert_s,
-                )
+            self.writer.log(
+                "elastic_resume", self.step, from_world_size=meta["world_size"],
+                to_world_size=self.world, universal_dir=str(resume.load_dir),
+                conversion_s=resume.convert_s,
+            )
         return str(resume.path)
 
     # -- phases ----------------------------------------------------------------------------------------
@@ -440,93 +473,127 @@ class _Worker:
         return [g[0] for g in gathered], [g[1] for g in gathered]
 
     def train(self, resumed_from: str | None) -> None:
-        cfg, spec = self.cfg, self.spec
+        """The loop, nanoGPT-style: micro step → (at an optimizer-step boundary) log, eval, checkpoint."""
+        cfg = self.cfg
+        self._log_start(resumed_from)
+        interval = _Interval(self.device)
+        for batch in self._resumable_batches():
+            interval.add(self._micro_step(batch), self.spec.count_tokens(batch))
+            if self.engine.global_steps == self.step:
+                continue  # still accumulating gradients
+            self.step = self.engine.global_steps
+            final = self.step >= cfg.max_steps
+            log_step = self.step % cfg.log_every == 0 or final
+            checkpoint_step = self.step % cfg.checkpoint_every == 0 or final
+            if log_step or checkpoint_step:
+                self._last_metrics = self._log_interval(interval)
+            if self.step % cfg.eval_every == 0 or final:
+                self._last_metrics.update(self._eval_and_log())
+            if checkpoint_step:
+                self.save({"step": self.step, **self._last_metrics}, final=final)
+            if log_step or checkpoint_step:
+                interval.restart()  # eval and checkpoint time is not training time
+            if final:
+                break
+        self.writer.log("end", self.step, tokens_seen=self.tokens_seen)
+        self.writer.close()
+
+    # -- the loop's named steps ------------------------------------------------------------------------
+    def _log_start(self, resumed_from: str | None) -> None:
         node_ids, pids = self.node_info()
-        if self.writer:
-            self.writer.log(
-                "start",
-                self.step,
-                resumed_from=resumed_from,
-                world_size=self.world,
-                node_ids=node_ids,
-                pids=pids,
-                num_params=self.flops.num_params,
-                flops_per_token=self.flops.flops_per_token(),
-                data_position={"epoch": self.epoch, "micro_batches_in_epoch": self.micro_in_epoch},
-            )
-        peak_total = cfg.peak_flops * self.world
-        interval_tokens, interval_loss, interval_micro = 0, 0.0, 0
-        interval_start, train_time = time.perf_counter(), 0.0
-        last_metrics: dict[str, Any] = {}
-        own_norm = float("nan")
-        while self.step < cfg.max_steps:
-            skip, seen_in_epoch = self.micro_in_epoch, 0
-            for batch in self._batches(spec.train_dataset, drop_last=True, epoch=self.epoch):
-                seen_in_epoch += 1
-                if seen_in_epoch <= skip:
+        self.writer.log(
+            "start",
+            self.step,
+            resumed_from=resumed_from,
+            world_size=self.world,
+            node_ids=node_ids,
+            pids=pids,
+            num_params=self.flops.num_params,
+            flops_per_token=self.flops.flops_per_token(),
+            peak_flops=self.peak_flops,
+            data_position={"epoch": self.epoch, "micro_batches_in_epoch": self.micro_in_epoch},
+        )
+
+    def _resumable_batches(self):
+        """Training micro batches from the saved data position on, epoch after epoch.
+
+        Skips the `micro_in_epoch` batches a checkpoint says were consumed in its epoch, then counts
+        each batch it hands out (before the caller trains on it, so a checkpoint taken right after
+        includes it) and moves to the next epoch when one is exhausted.
+        """
+        while self.step < self.cfg.max_steps:
+            skip, seen = self.micro_in_epoch, 0
+            for batch in self._batches(self.spec.train_dataset, drop_last=True, epoch=self.epoch):
+                seen += 1
+                if seen <= skip:
                     continue
-                loss = spec.loss_fn(self.engine, batch)
-                self.engine.backward(loss)
-                if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
-                    own_norm = float(
-                        torch.nn.utils.get_total_norm(
-                            [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                        )
-                    )
-                self.engine.step()
                 self.micro_in_epoch += 1
-                interval_tokens += spec.count_tokens(batch)
-                interval_loss += float(loss.detach())
-                interval_micro += 1
-                if self.engine.global_steps == self.step:
-                    continue  # still accumulating gradients
-                self.step = self.engine.global_steps
-                final = self.step >= cfg.max_steps
-                logging_step = self.step % cfg.log_every == 0 or final
-                checkpoint_step = self.step % cfg.checkpoint_every == 0 or final
-                if logging_step or checkpoint_step:
-                    elapsed = time.perf_counter() - interval_start
-                    train_time += elapsed
-                    global_tokens = round(self._mean(interval_tokens) * self.world)
-                    self.tokens_seen += global_tokens
-                    rate = global_tokens / max(elapsed, 1e-9)
-                    grad_norm = own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
-                    last_metrics = {
-                        "loss": self._mean(interval_loss / interval_micro),
-                        "lr": self.engine.get_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "tokens_per_s": rate,
-                        "mfu": mfu(rate, self.flops.flops_per_token(), peak_total),
-                        "tokens_seen": self.tokens_seen,
-                        "epoch": self.epoch,
-                        "train_time_s": train_time,
-                    }
-                    if self.writer:
-                        self.writer.log("train", self.step, **last_metrics)
-                    interval_tokens, interval_loss, interval_micro = 0, 0.0, 0
-                if self.step % cfg.eval_every == 0 or final:
-                    val = self.evaluate()
-                    if val:
-                        last_metrics.update(val)
-                        if self.writer:
-                            self.writer.log("val", self.step, **val)
-                if checkpoint_step:
-                    self.save({"step": self.step, **last_metrics}, final=final)
-                if logging_step or checkpoint_step:
-                    interval_start = time.perf_counter()  # eval and checkpoint time is not training time
-                if final:
-                    break
-            else:
-                if seen_in_epoch <= skip:
-                    raise RuntimeError(
-                        f"dataset shard '{spec.train_dataset}' yielded {seen_in_epoch} batches of "
-                        f"{cfg.micro_batch_size}; need more data per worker or a smaller "
-                        "train.micro_batch_size"
-                    )
-                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
-        if self.writer:
-            self.writer.log("end", self.step, tokens_seen=self.tokens_seen)
-            self.writer.close()
+                yield batch
+            if seen <= skip:
+                raise RuntimeError(
+                    f"dataset shard '{self.spec.train_dataset}' yielded {seen} batches of "
+                    f"{self.cfg.micro_batch_size}; need more data per worker or a smaller "
+                    "train.micro_batch_size"
+                )
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+
+    def _micro_step(self, batch: Batch) -> torch.Tensor:
+        """Forward, backward and (at an accumulation boundary) the optimizer step; returns the loss.
+
+        The loss stays on the device: reading it (`.item()`) here would sync the host every micro step.
+        """
+        first = self._compile_pending
+        start = time.perf_counter() if first else 0.0
+        loss = self.spec.loss_fn(self.engine, batch)
+        self.engine.backward(loss)
+        if self._own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+            self._own_norm = self._clip_gradients()
+        self.engine.step()
+        if first:
+            self._compile_pending = False
+            self.writer.log("compile", self.step, seconds=time.perf_counter() - start)
+        return loss.detach()
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the averaged gradients to `train.grad_clip` (fp32 ZeRO-0); returns their norm, on device.
+
+        What DeepSpeed would do in `engine.step()` (scale by min(1, clip / (norm + 1e-6))), with torch's
+        foreach kernels instead of DeepSpeed's per-parameter loop and its all-reduce of a norm that is
+        already the same on every rank (the gradients were averaged in `backward`).
+        """
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.grad_clip, norm)
+        return norm
+
+    def _log_interval(self, interval: _Interval) -> dict[str, Any]:
+        """Metrics of the steps since the last log: one all-reduce of (loss, tokens) and one host sync."""
+        elapsed = interval.elapsed()
+        self.train_time += elapsed
+        loss_mean, tokens_sum = interval.reduce(self.dist, self.world)
+        global_tokens = round(tokens_sum)
+        self.tokens_seen += global_tokens
+        rate = global_tokens / max(elapsed, 1e-9)
+        grad_norm = self._own_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        metrics = {
+            "loss": loss_mean,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": rate,
+            "mfu": mfu(rate, self.flops.flops_per_token(), self.peak_flops * self.world),
+            "tokens_seen": self.tokens_seen,
+            "epoch": self.epoch,
+            "train_time_s": self.train_time,
+        }
+        self.writer.log("train", self.step, **metrics)
+        return metrics
+
+    def _eval_and_log(self) -> dict[str, float]:
+        val = self.evaluate()
+        if val:
+            self.writer.log("val", self.step, **val)
+        return val or {}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -555,6 +622,40 @@ def training_order(ds: Any, spec: LoopSpec) -> Any:
     if spec.shuffle and spec.shuffle_blocks:
         ds = ds.randomize_block_order(seed=spec.train.seed)
     return ds
+
+
+def cache_if_small(ds: Any, max_bytes: int) -> Any:
+    """`ds` executed once into the object store when it holds at most `max_bytes`, else `ds` itself.
+
+    Ray Train re-executes a lazy dataset every epoch: for a streamed corpus that is the whole read →
+    tokenise → pack pipeline again, a stall at every epoch boundary. A small packed split is executed
+    once here instead (the same blocks in the same order: `preserve_order`, so the per-worker row
+    sequence and with it exact resume are unchanged) and every epoch reads it from the object store.
+    The execution stops as soon as the budget is exceeded; the split is then streamed each epoch, so
+    a large corpus costs at most `max_bytes` of wasted pipeline work (0 skips the attempt).
+    """
+    if max_bytes <= 0:
+        return ds
+    import ray.data
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.input_data_operator import InputData
+    from ray.data.dataset import MaterializedDataset
+
+    ctx = ray.data.DataContext.get_current()
+    saved, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        bundles, size = [], 0
+        for bundle in ds.iter_internal_ref_bundles():
+            size += bundle.size_bytes()
+            if size > max_bytes:
+                log.info("training split exceeds train.cache_train_mb: streaming it every epoch")
+                return ds
+            # Shared, not owned: the executor of an epoch must not free blocks the next epoch reads.
+            bundles.append(replace(bundle, owns_blocks=False))
+    finally:
+        ctx.execution_options.preserve_order = saved
+    # What Dataset.materialize() builds, from the bundles kept above.
+    return MaterializedDataset(LogicalPlan(InputData(input_data=bundles), ctx), ds.context, ds._raw_stats())
 
 
 class RunExistsError(RuntimeError):
@@ -588,7 +689,14 @@ def fit(spec: LoopSpec, datasets: dict[str, Any], resume: bool = False, progress
     if not resume and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    datasets = {**datasets, spec.train_dataset: training_order(datasets[spec.train_dataset], spec)}
+    log_launch(out_dir)
+    ordered = training_order(datasets[spec.train_dataset], spec)
+    datasets = {**datasets, spec.train_dataset: cache_if_small(ordered, cfg.cache_train_mb << 20)}
+    if spec.val_dataset in datasets:
+        # Workers evaluate on the first `eval_batches` batches only: read just those rows, once, here,
+        # instead of every worker running the validation pipeline itself.
+        head = datasets[spec.val_dataset].limit(cfg.eval_batches * cfg.micro_batch_size)
+        datasets[spec.val_dataset] = cache_if_small(head, cfg.cache_train_mb << 20)
     # Same block order on every (re)start, so skipping the consumed batch count resumes exactly.
     # (Built directly: DataConfig.default_ingest_options() passes the deprecated exclude_resources.)
     ingest = ExecutionOptions(preserve_order=True)

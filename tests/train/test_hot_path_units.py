@@ -1,0 +1,115 @@
+"""Fast checks of the hot-path choices made by config: AdamW kernel, device peak for MFU, the rank-0
+writer, and the start-up/export timings the run summary prints (no Ray, no timing thresholds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from cluster.config import load_config
+from jobs.config import TrainConfig
+from jobs.deepspeed_config import deepspeed_config, loop_clips_gradients
+from jobs.metrics import (
+    MetricsWriter,
+    NullWriter,
+    log_event,
+    log_launch,
+    peak_flops,
+    read_metrics,
+    startup_timings,
+    summary_table,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_optimizer_kernel_follows_device_and_setting():
+    params = lambda cfg: deepspeed_config(cfg, world_size=1)["optimizer"]["params"]  # noqa: E731
+    assert params(TrainConfig())["torch_adam"] is True  # CPU: torch AdamW, no DeepSpeed op build
+    gpu = params(TrainConfig(use_gpu=True))
+    assert "torch_adam" not in gpu and "fused" not in gpu  # GPU auto: DeepSpeed FusedAdam
+    fused = params(TrainConfig(use_gpu=True, optimizer_impl="torch_fused"))
+    assert fused["torch_adam"] is True and fused["fused"] is True
+    assert "torch_adam" not in params(TrainConfig(zero_stage=3, offload_optimizer=True))  # CPU Adam
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"optimizer_impl": "torch_fused"}, "torch_fused needs train.use_gpu true"),
+        ({"optimizer_impl": "deepspeed_fused"}, "deepspeed_fused needs train.use_gpu true"),
+        ({"optimizer_impl": "torch_fused", "use_gpu": True, "offload_optimizer": True}, "offloaded"),
+    ],
+)
+def test_optimizer_kernel_mismatches_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        deepspeed_config(TrainConfig(**overrides), world_size=1)
+
+
+def test_peak_flops_by_device_name_with_fallback():
+    assert peak_flops("NVIDIA H200", 1.0) == 989e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", 1.0) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", 1.0) == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", 1.0) == 312e12
+    assert peak_flops("NVIDIA GH200 480GB", 1.0) == 989e12
+    assert peak_flops("Some Future GPU", 7e12) == 7e12
+    assert peak_flops(None, 3e12) == 3e12  # CPU: train.peak_flops
+
+
+def test_writer_is_real_on_rank0_and_silent_elsewhere(tmp_path):
+    silent = MetricsWriter.for_rank(tmp_path / "r1", rank=1)
+    assert isinstance(silent, NullWriter)
+    silent.log("train", 1, loss=1.0)
+    silent.close()
+    assert not (tmp_path / "r1").exists()
+    writer = MetricsWriter.for_rank(tmp_path / "r0", rank=0)
+    writer.log("train", 1, loss=1.0)
+    writer.close()
+    assert [r["event"] for r in read_metrics(tmp_path / "r0")] == ["train"]
+
+
+def test_startup_and_export_timings_reach_the_summary(tmp_path):
+    log_launch(tmp_path)
+    launch = read_metrics(tmp_path)[0]
+    assert launch["event"] == "launch" and launch["process_start"] <= launch["time"]
+    t = launch["time"] - 60  # a run that launched a minute ago, so the export below comes after it
+    launch = {**launch, "time": t, "process_start": t - 3}
+    records = [
+        launch,
+        {"event": "start", "step": 0, "time": t + 5},
+        {"event": "compile", "step": 0, "time": t + 6, "seconds": 1.5},
+        {"event": "train", "step": 1, "time": t + 8, "loss": 4.0, "tokens_seen": 10, "tokens_per_s": 1.0,
+         "mfu": 0.1},
+        {"event": "end", "step": 1, "time": t + 9},
+    ]
+    timings = startup_timings(records)
+    assert timings["fit_to_first_step_s"] == pytest.approx(8)
+    assert timings["cold_start_s"] == pytest.approx(11)
+    assert timings["compile_s"] == 1.5
+    assert "step_to_export_s" not in timings  # not exported yet
+    log_event(tmp_path, "exported", path="x")
+    exported = read_metrics(tmp_path)[-1]
+    timings = startup_timings([*records, exported])
+    assert timings["step_to_export_s"] == pytest.approx(exported["time"] - (t + 9))
+    console = Console(width=120, record=True)
+    console.print(summary_table([*records, exported], "run"))
+    text = console.export_text()
+    assert "cold start → first logged step" in text and "last step → exported model" in text
+
+
+@pytest.mark.parametrize("name", ["gpu-125m-1node.yaml", "gpu-1b-2node.yaml"])
+def test_gpu_configs_select_the_gpu_paths(name):
+    t = load_config(CONFIGS / name).train
+    assert t.use_gpu and t.precision == "bf16" and t.torch_compile
+    assert deepspeed_config(t, t.num_workers)["bf16"] == {"enabled": True}
+    assert t.optimizer_impl in ("deepspeed_fused", "torch_fused")
+
+
+def test_fp32_zero0_clips_in_the_loop_not_in_deepspeed():
+    zero0 = TrainConfig(zero_stage=0, grad_clip=0.5)
+    assert loop_clips_gradients(zero0) and deepspeed_config(zero0, 1)["gradient_clipping"] == 0.0
+    for cfg in (TrainConfig(zero_stage=3, grad_clip=0.5), TrainConfig(zero_stage=0, grad_clip=0.5,
+                                                                      precision="bf16")):
+        assert not loop_clips_gradients(cfg) and deepspeed_config(cfg, 1)["gradient_clipping"] == 0.5
