@@ -138,7 +138,11 @@ def check_local_model_folder(path: str | None) -> None:
 
 def check_run_exports(run_dir: str) -> None:
     """Check every exported model of a run that `raylm eval` will load (local run folders only)."""
-    for name in ("pretrained", "finetuned"):
-        folder = Path(run_dir) / "export" / name
-        if "://" not in run_dir and (folder / "config.json").exists():
+    from data_pipelines.layout import EXPORT_NAMES, RunLayout
+
+    if "://" in run_dir:
+        return
+    for name in EXPORT_NAMES:
+        folder = RunLayout(Path(run_dir)).export(name)
+        if (folder / "config.json").exists():
             check_model_folder(folder)

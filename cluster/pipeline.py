@@ -93,7 +93,7 @@ def _pretrain_stage(cfg: RunConfig, resume: bool) -> dict[str, Any]:
     stage_dir = cfg.layout().stage_dir(layout.Stage.PRETRAIN)
     with follow_metrics(stage_dir, cfg.train.max_steps):
         result = run(cfg, resume=resume)
-    summary = _with_estimate(training_summary(stage_dir), cfg, "train")
+    summary = _with_estimate(training_summary(stage_dir), cfg, "pretrain")
     return {"export": str(result.export_dir), "checkpoint": str(result.checkpoint), "summary": summary}
 
 

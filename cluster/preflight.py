@@ -62,18 +62,27 @@ def _fmt(bundle: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items()) if v) + "}"
 
 
+def demand_name(stage: str) -> str:
+    """The pipeline's stage vocabulary (`data_pipelines.layout.Stage`, aliases resolved), plus `serve`:
+    the names this module's messages and files use, whatever name the command was given."""
+    from data_pipelines.layout import STAGE_ALIASES
+
+    return str(STAGE_ALIASES.get(str(stage), stage))
+
+
 def stage_demand(cfg: RunConfig, stage: str) -> Demand:
     """The resources `stage` of `cfg` will ask Ray for."""
-    if stage in ("train", "finetune"):
+    stage = demand_name(stage)
+    if stage in ("pretrain", "finetune"):
         t = cfg.train
-        workers = t.num_workers if stage == "train" else (cfg.finetune.num_workers or t.num_workers)
+        workers = t.num_workers if stage == "pretrain" else (cfg.finetune.num_workers or t.num_workers)
         bundle = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.use_gpu else {})
         knobs = "train.num_workers, train.cpus_per_worker" + (", train.gpus_per_worker" if t.use_gpu else "")
         if stage == "finetune":
             knobs = "finetune.num_workers, " + knobs
         # Pretraining streams its blocks through Ray Data, whose tasks need a whole free CPU: with every
         # CPU held by train workers the run deadlocks (ARCHITECTURE.md, measured).
-        extra = [{"CPU": 1.0}] if stage == "train" else []
+        extra = [{"CPU": 1.0}] if stage == "pretrain" else []
         return Demand(stage, [bundle] * workers, t.placement_strategy, knobs, extra, "for Ray Data's tasks")
     if stage == "serve":
         s = cfg.serve
@@ -370,6 +379,7 @@ def _finetune_base_config(cfg: RunConfig) -> Any:
     the model this run's `train` will pretrain (the pipeline checks before that model exists)."""
     from transformers import AutoConfig
 
+    from data_pipelines.layout import RunLayout
     from jobs.model import hf_config
 
     ft = cfg.finetune
@@ -377,7 +387,7 @@ def _finetune_base_config(cfg: RunConfig) -> Any:
         kwargs = {"vocab_size": cfg.tokenizer.vocab_size, **ft.seq2seq_model}
         return AutoConfig.for_model(kwargs.pop("model_type", "t5"), **kwargs)
     base = Path(ft.base) if ft.base else Path(cfg.run_dir())
-    for folder in (base, base / "export" / "pretrained"):
+    for folder in (base, RunLayout(base).pretrained):
         if (folder / "config.json").is_file():
             return AutoConfig.from_pretrained(folder, local_files_only=True)
     return hf_config(cfg.model, _VocabOnly(cfg.tokenizer.vocab_size), cfg.data.seq_len)
@@ -438,7 +448,7 @@ def _train_settings(cfg: RunConfig, stage: str) -> Any:
 
 
 def estimate_memory(
-    cfg: RunConfig, workers_per_node: int, nodes: list[dict[str, float]], stage: str = "train"
+    cfg: RunConfig, workers_per_node: int, nodes: list[dict[str, float]], stage: str = "pretrain"
 ) -> MemoryEstimate:
     """Model states (DeepSpeed's estimators for the ZeRO stage and offload) + activations per worker.
 
@@ -484,13 +494,13 @@ def estimate_memory(
         source = "the smallest node's Ray memory"
     gpu_budget = int(cfg.cluster.gpu_memory_gb * GIB) if cfg.cluster.gpu_memory_gb else None
     return MemoryEstimate(
-        "pretrain" if stage == "train" else stage, shape.total, trainable, int(device), int(host),
+        demand_name(stage), shape.total, trainable, int(device), int(host),
         activations, workers_per_node, budget, source, t.use_gpu, gpu_budget,
     )  # fmt: skip
 
 
 def check_memory(
-    cfg: RunConfig, where: list[int], nodes: list[dict[str, float]], stage: str = "train"
+    cfg: RunConfig, where: list[int], nodes: list[dict[str, float]], stage: str = "pretrain"
 ) -> MemoryEstimate:
     """Raise PreflightError when the estimate for the busiest node exceeds its memory budget."""
     workers = where[: len(stage_demand(cfg, stage).bundles)]
@@ -516,10 +526,10 @@ def check_memory(
 
 def estimate_path(cfg: RunConfig, stage: str) -> Path:
     """`<run>/preflight/memory_<stage>.json` in this process's copy of the run folder."""
-    from data_pipelines.layout import RunLayout, Stage
+    from data_pipelines.layout import RunLayout
     from jobs.pretrain import local_run_dir
 
-    return RunLayout(local_run_dir(cfg)).memory_estimate(Stage.PRETRAIN if stage == "train" else stage)
+    return RunLayout(local_run_dir(cfg)).memory_estimate(demand_name(stage))
 
 
 def read_estimate(cfg: RunConfig, stage: str) -> MemoryEstimate | None:
@@ -537,7 +547,7 @@ def preflight(cfg: RunConfig, stage: str, console: Console | None = None) -> Mem
     when the run can never start."""
     console = console or Console()
     where = check_capacity(cfg, stage, console)
-    if stage not in ("train", "finetune"):
+    if demand_name(stage) not in ("pretrain", "finetune"):
         return None
     try:
         est = check_memory(cfg, where, alive_nodes(), stage)
@@ -561,7 +571,7 @@ def join_and_check(cfg: RunConfig, stage: str, console: Console | None = None) -
 
 def preflight_pipeline(cfg: RunConfig, console: Console | None = None) -> None:
     """`raylm pipeline` runs every stage: check each demand (and training memory) before the first."""
-    for stage in ("data", "serve"):
+    for stage in ("tokens", "serve"):
         check_capacity(cfg, stage, console)
-    preflight(cfg, "train", console)
+    preflight(cfg, "pretrain", console)
     preflight(cfg, "finetune", console)

@@ -88,15 +88,15 @@ def _exports_load(cfg: RunConfig) -> None:
 @dataclass(frozen=True)
 class StageRun:
     run: Callable[[RunConfig, bool, Console], None]
-    demand: str | None  # the stage's resource demand as cluster/preflight.py names it; None: no Ray
+    demand: Stage | None  # the stage whose resources preflight checks; None: the stage needs no Ray
     before_ray: Callable[[RunConfig], None] | None = None
 
 
 STAGE_RUNS: dict[Stage, StageRun] = {
-    Stage.TOKENS: StageRun(_tokens, "data", _corpus_exists),
-    Stage.PRETRAIN: StageRun(_pretrain, "train"),
-    Stage.FINETUNE: StageRun(_finetune, "finetune"),
-    Stage.EVAL: StageRun(_eval, "eval", _exports_load),
+    Stage.TOKENS: StageRun(_tokens, Stage.TOKENS, _corpus_exists),
+    Stage.PRETRAIN: StageRun(_pretrain, Stage.PRETRAIN),
+    Stage.FINETUNE: StageRun(_finetune, Stage.FINETUNE),
+    Stage.EVAL: StageRun(_eval, Stage.EVAL, _exports_load),
     Stage.EXPORT: StageRun(_export, None),
 }
 assert tuple(STAGE_RUNS) == RUNNABLE_STAGES

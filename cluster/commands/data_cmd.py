@@ -41,7 +41,7 @@ def prepare_cmd(
         except CorpusNotFoundError as exc:
             fail(str(exc))
     ensure_ray(cfg.cluster)
-    preflight(cfg, "data", console)
+    preflight(cfg, "tokens", console)
     DataContext.get_current().enable_progress_bars = False  # the rich display below replaces them
     seq_len = cfg.data.seq_len
     started = time.monotonic()

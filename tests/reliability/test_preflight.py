@@ -92,17 +92,17 @@ def assert_one_line_failure(res: subprocess.CompletedProcess, code: int, *needle
 def test_placement_follows_ray_strategies() -> None:
     cfg = load_config(None, ["train.num_workers=4", "train.cpus_per_worker=1"])
     nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
-    assert place(stage_demand(cfg, "train"), nodes) is None  # 4 workers + 1 CPU for Ray Data > 4 CPUs
+    assert place(stage_demand(cfg, "pretrain"), nodes) is None  # 4 workers + 1 CPU for Ray Data > 4 CPUs
     two = load_config(None, ["train.num_workers=2", "train.cpus_per_worker=1"])
-    assert place(stage_demand(two, "train"), nodes) == [0, 0, 1]
+    assert place(stage_demand(two, "pretrain"), nodes) == [0, 0, 1]
     strict = load_config(None, ["train.num_workers=2", "train.cpus_per_worker=1.5"])
-    assert place(stage_demand(strict, "train"), nodes) is None  # 1.5 + 1.5 + 1 cannot share 2 + 2
+    assert place(stage_demand(strict, "pretrain"), nodes) is None  # 1.5 + 1.5 + 1 cannot share 2 + 2
     spread = load_config(None, ["train.num_workers=3", "train.placement_strategy=STRICT_SPREAD"])
-    assert place(stage_demand(spread, "train"), [{"CPU": 8.0}] * 2) is None  # 3 distinct nodes needed
+    assert place(stage_demand(spread, "pretrain"), [{"CPU": 8.0}] * 2) is None  # 3 distinct nodes needed
     pack = load_config(None, ["train.num_workers=3", "train.placement_strategy=STRICT_PACK"])
-    assert place(stage_demand(pack, "train"), [{"CPU": 1.0}, {"CPU": 8.0}]) == [1, 1, 1, 0]
+    assert place(stage_demand(pack, "pretrain"), [{"CPU": 1.0}, {"CPU": 8.0}]) == [1, 1, 1, 0]
     gpu = load_config(None, ["train.use_gpu=true", "train.num_workers=2"])
-    assert place(stage_demand(gpu, "train"), [{"CPU": 64.0}]) is None  # no GPU anywhere
+    assert place(stage_demand(gpu, "pretrain"), [{"CPU": 64.0}]) is None  # no GPU anywhere
 
 
 def test_impossible_train_request_fails_at_once_on_embedded_ray(ray_tmp: Path) -> None:
@@ -113,8 +113,8 @@ def test_impossible_train_request_fails_at_once_on_embedded_ray(ray_tmp: Path) -
         ray_tmp=ray_tmp,
     )  # fmt: skip
     assert_one_line_failure(
-        res, 2, "asked train: 16 x {CPU: 1}", "the cluster has 1 node(s) (2 CPU", "Change train.num_workers",
-        "cluster.autoscaler: true",
+        res, 2, "asked pretrain: 16 x {CPU: 1}", "the cluster has 1 node(s) (2 CPU",
+        "Change train.num_workers", "cluster.autoscaler: true",
     )  # fmt: skip
     assert not leftover_ray_processes(ray_tmp)
 
@@ -177,7 +177,7 @@ def test_autoscaler_wait_names_what_it_waits_for_and_ends(ray_cluster) -> None:
         check_capacity(cfg, "train", console)
     assert re.search(r"after waiting \d+ s \(cluster.resource_wait_timeout_s\)", str(err.value)), err.value
     shown = out.getvalue()
-    assert "waiting for the autoscaler to add nodes for train: 64 x {CPU: 1}" in shown, shown[-2000:]
+    assert "waiting for the autoscaler to add nodes for pretrain: 64 x {CPU: 1}" in shown, shown[-2000:]
     assert "cluster.resource_wait_timeout_s" in shown
 
 
@@ -204,7 +204,7 @@ def test_joined_cluster_without_autoscaler_fails_at_once_on_auto(ray_cluster) ->
         "--set", "cluster.autoscaler=auto",
         join=True,
     )  # fmt: skip
-    line = assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}", "cluster.autoscaler: true")
+    line = assert_one_line_failure(res, 2, "asked pretrain: 64 x {CPU: 1}", "cluster.autoscaler: true")
     assert "after waiting" not in line
 
 
@@ -355,7 +355,7 @@ def test_submit_refuses_a_job_the_cluster_cannot_hold_before_uploading(ray_clust
         "--set", "cluster.autoscaler=false",  # a submitted job decides `auto` on the cluster itself
         join=True,
     )  # fmt: skip
-    assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}", "the cluster has 1 node(s) (8 CPU")
+    assert_one_line_failure(res, 2, "asked pretrain: 64 x {CPU: 1}", "the cluster has 1 node(s) (8 CPU")
     assert {j.submission_id for j in JobsClient(ray_cluster.dashboard_url).list()} == before
 
 
@@ -376,4 +376,4 @@ def test_submit_refuses_on_the_default_autoscaler_setting(ray_cluster) -> None:
         for job in client.list():
             if job.submission_id not in before:
                 client.stop(job.submission_id)
-    assert_one_line_failure(res, 2, "asked train: 64 x {CPU: 1}")
+    assert_one_line_failure(res, 2, "asked pretrain: 64 x {CPU: 1}")
