@@ -129,10 +129,13 @@ def run_stage(
     try:
         if spec.before_ray:
             spec.before_ray(cfg)
+        estimate = None
         if spec.demand:
             ensure_ray(cfg.cluster)
-            preflight(cfg, spec.demand, console)  # a run the cluster can never hold fails here, not in a hang
+            estimate = preflight(cfg, spec.demand, console)  # a run that can never fit fails here
         spec.run(cfg, resume, console)
+        if estimate is not None:  # the summary's last line: what the run was estimated to need
+            console.print(f"memory: {estimate.short()}", highlight=False)
     except (FileNotFoundError, *user_errors()) as exc:
         raise StageError(str(exc)) from exc
 
