@@ -88,16 +88,16 @@ def _exports_load(cfg: RunConfig) -> None:
 @dataclass(frozen=True)
 class StageRun:
     run: Callable[[RunConfig, bool, Console], None]
-    demand: Stage | None  # the stage whose resources preflight checks; None: the stage needs no Ray
+    uses_ray: bool  # False: the stage runs in this process only (no Ray, no capacity to check)
     before_ray: Callable[[RunConfig], None] | None = None
 
 
 STAGE_RUNS: dict[Stage, StageRun] = {
-    Stage.TOKENS: StageRun(_tokens, Stage.TOKENS, _corpus_exists),
-    Stage.PRETRAIN: StageRun(_pretrain, Stage.PRETRAIN),
-    Stage.FINETUNE: StageRun(_finetune, Stage.FINETUNE),
-    Stage.EVAL: StageRun(_eval, Stage.EVAL, _exports_load),
-    Stage.EXPORT: StageRun(_export, None),
+    Stage.TOKENS: StageRun(_tokens, True, _corpus_exists),
+    Stage.PRETRAIN: StageRun(_pretrain, True),
+    Stage.FINETUNE: StageRun(_finetune, True),
+    Stage.EVAL: StageRun(_eval, True, _exports_load),
+    Stage.EXPORT: StageRun(_export, False),
 }
 assert tuple(STAGE_RUNS) == RUNNABLE_STAGES
 
@@ -130,9 +130,9 @@ def run_stage(
         if spec.before_ray:
             spec.before_ray(cfg)
         estimate = None
-        if spec.demand:
+        if spec.uses_ray:
             ensure_ray(cfg.cluster)
-            estimate = preflight(cfg, spec.demand, console)  # a run that can never fit fails here
+            estimate = preflight(cfg, stage, console)  # a run that can never fit fails here
         spec.run(cfg, resume, console)
         if estimate is not None:  # the summary's last line: what the run was estimated to need
             console.print(f"memory: {estimate.short()}", highlight=False)

@@ -115,14 +115,14 @@ def submit_command(
     already pending, running or done instead of starting a second one.
     """
     try:
-        demand = STAGE_RUNS[runnable_stage(stage)].demand
+        runnable = runnable_stage(stage)
     except ValueError as exc:
         fail(str(exc))
     cfg = load_or_exit(config, set_)
     with _user_errors():
         client = JobsClient(address, cfg.cluster.auth_token_file, default=cfg.cluster.dashboard_address)
-        if demand and cfg.cluster.autoscaler is not True:  # auto: no GCS to ask from here
-            check_fits(cfg, demand, client.node_resources())
+        if STAGE_RUNS[runnable].uses_ray and cfg.cluster.autoscaler is not True:  # auto: no GCS here
+            check_fits(cfg, runnable, client.node_resources())
         sub = submit(cfg, stage=stage, client=client, rerun=rerun, resume=resume)
         verb = "already submitted" if sub.reused else "submitted"
         console.print(
