@@ -49,6 +49,12 @@ class ClusterConfig(BaseModel):
     env_vars: dict[str, str] = Field(
         default_factory=dict, description="runtime_env env vars for submitted jobs"
     )
+    serve_direct_ingress: bool = Field(
+        True,
+        description="Ray Serve direct ingress on the Ray raylm starts or joins: each endpoint replica also"
+        " serves HTTP on its own port (one hop less per token than Serve's proxy, which keeps routing"
+        " serve.port on the head node)",
+    )
     entrypoint_num_cpus: float = Field(0, ge=0)
     entrypoint_num_gpus: float = Field(0, ge=0)
     autoscaler: typing.Literal["auto", True, False] = Field(

@@ -9,6 +9,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from data_pipelines.readers import object_store_env
+from serve.direct_ingress import direct_ingress_env
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,14 @@ def ensure_ray(cfg: ClusterConfig, log_to_driver: bool = True) -> None:
     `log_to_driver=False` keeps the workers' output in Ray's session logs instead of this process's
     terminal (`raylm chat` uses it while it owns the terminal). Object-store credentials set here
     (AWS_*) go to every task and actor of the job, so Ray Train and Ray Data reach an s3:// storage
-    path from nodes that do not have them.
+    path from nodes that do not have them; so does Serve's direct-ingress switch
+    (`cluster.serve_direct_ingress`, see `serve.direct_ingress`), read by the Serve actors it starts.
     """
     if ray.is_initialized():
         return
     env = object_store_env()
+    if cfg.serve_direct_ingress:  # a submitted job may already have these (Ray refuses a conflict)
+        env |= {k: v for k, v in direct_ingress_env().items() if k not in os.environ}
     runtime_env = {"env_vars": env} if env else None
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:

@@ -85,7 +85,8 @@ def _endpoint_section(cfg: RunConfig, result: Any) -> list[str]:
     if ep is None:
         return lines + ["- not deployed", ""]
     lines += [
-        f"- OpenAI-compatible base URL: `{ep.base_url}` (model `{ep.model}`)",
+        f"- OpenAI-compatible base URL: `{ep.base_url}` (model `{ep.model}`; Serve's proxy, across replicas)",
+        *(f"- a replica's own port (Serve direct ingress, no proxy hop): `{url}`" for url in ep.direct_urls),
         f"- API key: {ep.key_source}",
         *(f"- {sentence}" for sentence in endpoint_lifetime(result)),
         "",

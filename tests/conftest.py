@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from cluster.local_cluster import AUTH_ENV, LocalCluster
+from serve.direct_ingress import direct_ingress_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "third_party" / "tinyshakespeare" / "tinyshakespeare.txt"
@@ -58,7 +59,8 @@ def ray_cluster():
     (Path(cluster.temp_dir) / OWNER_FILE).write_text(json.dumps(owner))
     os.environ["RAY_ADDRESS"] = cluster.address
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
+        # as `ensure_ray` does: Serve started from this driver runs with direct ingress
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": direct_ingress_env()})
         yield cluster
     finally:
         try:

@@ -257,7 +257,7 @@ def serve_for_session(cfg: RunConfig, folder: Path, log_dir: str) -> ChatEndpoin
                 ray.shutdown()
         console.print("[dim]the chat's endpoint has stopped[/]")
 
-    return ChatEndpoint(endpoint.base_url, key, close)
+    return ChatEndpoint(endpoint.fastest_url, key, close)
 
 
 def open_endpoint(target: Path, overrides: list[str] | None, api_key: str | None) -> ChatEndpoint:

@@ -74,6 +74,7 @@ def serve_command(target: Target, set_: SetOpt = None) -> None:
     from cluster.local_ray import ensure_ray
     from cluster.preflight import preflight
     from serve.app import build_app
+    from serve.direct_ingress import replica_urls
 
     try:
         app = build_app({"model_path": str(folder), "serve": cfg.serve.model_dump(mode="json")})
@@ -98,9 +99,12 @@ def serve_command(target: Target, set_: SetOpt = None) -> None:
             fail(f"the model replicas failed to start: {reason}", code=1)
     http = serve.context._get_global_client().http_config  # the proxy that runs, if Serve was already up
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    base = f"http://{host}:{http.port}{cfg.serve.route_prefix.rstrip('/')}"
+    prefix = cfg.serve.route_prefix.rstrip("/")
+    base = f"http://{host}:{http.port}{prefix}"
     model = cfg.serve.model_name or folder.name
     console.print(f"[green]serving[/] {model} at [bold]{base}/v1[/]  (Ctrl-C to stop)", highlight=False)
+    for url in replica_urls(APP_NAME):
+        console.print(f"  a replica's own port (no proxy hop): {url}{prefix}/v1", highlight=False)
     if not cfg.serve.require_api_key:
         console.print("[yellow]warning:[/] API keys are not required (serve.require_api_key=false)")
 
