@@ -3,13 +3,15 @@
 Measures, in one run:
   (a)  in-process `model.generate`, one request at a time (the naive server);
   (a') in-process static batched `generate` of 16 prompts (the ceiling for 16 concurrent requests);
-  (b)  the Serve endpoint with 1, 4, 16 and 64 concurrent streaming clients: generated tokens/s,
+  (b)  the Serve endpoint with 1, 4, 16 and 64 concurrent streaming clients, at the replica's own
+       port (Serve direct ingress, raylm's default: see serve/direct_ingress.py): generated tokens/s,
        time to first token p50/p99, inter-token latency p50/p99 (per token: a chunk's gap divided by
        the tokens it carries), chunk gap p50, and the SSE chunks/s and tokens/chunk the endpoint sent;
   (c)  chunked prefill: ITL p50/p99 of 8 running streams while prompts of 4x their length arrive,
        with `prefill_chunk_tokens` on and off (every token streamed at once in this phase, so the
        gaps show the prefill stalls, not the stream interval);
   (d)  16 clients with prompts of mixed lengths (16-200 tokens);
+  (e)  1 and 16 clients and the 1-token request through Serve's proxy instead (the autoscaled URL);
 and prints the ratios (b@16)/(a'), (b@16)/(a), (b@1)/(a), and the HTTP overhead: p50 latency of a
 1-token request minus a direct forward pass of the same prompt. `--json PATH` writes every figure.
 The in-process baselines run before and after the endpoint and the better run counts (a busy shared
@@ -45,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.tiny_model import CORPUS, build_tiny_llama  # noqa: E402  (after the path insert)
+from serve.direct_ingress import direct_ingress_env, replica_urls  # noqa: E402
 
 
 def prompts(count: int) -> list[str]:
@@ -327,10 +330,11 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     key = "bench-" + uuid.uuid4().hex
     os.environ["RAYLM_API_KEYS"] = key
+    runtime_env = {"env_vars": direct_ingress_env()}  # as raylm's own `ensure_ray` does
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -351,17 +355,22 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = model_dir.name
 
-    def deploy(name: str, **fields: Any) -> str:
+    def deploy(name: str, **fields: Any) -> tuple[str, str]:
+        """(the replica's own URL, the proxy's URL) of a new app."""
         app = build_app({"model_path": str(model_dir), "serve": {**section, **fields}})
         serve.run(app, name=name, route_prefix=f"/{name}")
-        return f"http://127.0.0.1:{port}/{name}"
+        proxied = f"http://127.0.0.1:{port}/{name}"
+        direct = replica_urls(name)
+        if len(direct) != 1:
+            raise RuntimeError(f"expected one replica with its own port (direct ingress), got {direct}")
+        return f"{direct[0]}/{name}", proxied
 
     out: dict[str, Any] = {
         "prefill_chunk_tokens": chunk,
         "stream_max_chunks_per_s": section["stream_max_chunks_per_s"],
     }
     try:
-        base = deploy("bench", prefill_chunk_tokens=chunk)
+        base, proxied = deploy("bench", prefill_chunk_tokens=chunk)
         pids = app_pids("bench")
         out["one_token_request_p50_ms"] = asyncio.run(
             one_token_latency(base, model, key, args.latency_requests)
@@ -390,13 +399,23 @@ def endpoint(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"  16 clients, prompts 16-200 tokens: {out['mixed_lengths_16']['tok_s']:8.1f} tok/s", flush=True
         )
+        out["proxy_one_token_request_p50_ms"] = asyncio.run(
+            one_token_latency(proxied, model, key, args.latency_requests)
+        )
+        out["proxy_endpoint"] = []
+        for clients in (1, 16):
+            phase = asyncio.run(
+                load_phase(proxied, model, key, clients, args.new_tokens, batch, args.requests, pids)
+            )
+            out["proxy_endpoint"].append(phase)
+            print(f"  {clients:>3} clients through the proxy: {phase['tok_s']:8.1f} tok/s", flush=True)
         serve.delete("bench")
 
         running = prompts_of_tokens(tok, [args.running_prompt] * 8)
         arriving = prompts_of_tokens(tok, [4 * args.running_prompt] * args.arrivals)
         stream_every_token = {"stream_max_chunks_per_s": 1e9}
         for label, prefill in (("chunked", chunk), ("whole", 0)):
-            base = deploy(f"bench-{label}", prefill_chunk_tokens=prefill, **stream_every_token)
+            base, _ = deploy(f"bench-{label}", prefill_chunk_tokens=prefill, **stream_every_token)
             asyncio.run(load_phase(base, model, key, 2, 4, batch, 2))  # warm-up
             out[f"prefill_{label}"] = asyncio.run(
                 prefill_interference(base, model, key, running, arriving, args.running_new_tokens)
@@ -490,6 +509,7 @@ def main() -> None:
     table.add_row("(a') static batch of 16", f"{a16:.0f}", f"{a16 / a:.1f}", *[""] * 6)
     rows = [(f"(b) endpoint, {c} clients", p) for c, p in by_clients.items()]
     rows.append(("(d) 16 clients, prompts 16-200", served["mixed_lengths_16"]))
+    rows += [(f"(e) via proxy, {p['clients']} clients", p) for p in served["proxy_endpoint"]]
     for label, p in rows:
         table.add_row(
             label,
@@ -519,7 +539,8 @@ def main() -> None:
         f"(b@1)/(a) = {by_clients[1]['tok_s'] / a:.2f} (target >= 0.85)\n"
         f"HTTP overhead p50 = {served['one_token_request_p50_ms']:.1f} ms (1-token request) - "
         f"{base['forward_pass_p50_ms']:.1f} ms (forward) = "
-        f"{result['http_overhead_p50_ms']:.1f} ms (target <= 8)\n"
+        f"{result['http_overhead_p50_ms']:.1f} ms (target <= 8); through the proxy "
+        f"{served['proxy_one_token_request_p50_ms'] - base['forward_pass_p50_ms']:.1f} ms\n"
         f"(c) 8 streams of {args.running_prompt}-token prompts while {4 * args.running_prompt}-token prompts "
         f"arrive, ITL p50/p99: chunked prefill ({served['prefill_chunk_tokens']} tokens/step) "
         f"{chunked['itl_during_arrivals_p50_ms']:.1f}/{chunked['itl_during_arrivals_p99_ms']:.1f} ms, "
