@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -308,12 +309,13 @@ class LLMServer:
         return ids
 
     async def stats(self, reset_peak: bool = False) -> dict[str, int]:
-        """Engine counters (running, waiting, steps, cancelled, peak_running, thread_id), the engine
-        process's pid (`engine_pid`) and chunks/tokens sent."""
+        """Engine counters (running, waiting, steps, cancelled, peak_running, thread_id), the pids of
+        this replica process and its engine process (`replica_pid`, `engine_pid`), chunks/tokens sent."""
         if self.engine is None:
             return {}
         return {
             **await self.engine.stats(reset_peak),
+            "replica_pid": os.getpid(),
             "engine_pid": self.engine.pid,
             "chunks_sent": self.chunks_sent,
             "tokens_sent": self.tokens_sent,

@@ -1,5 +1,5 @@
 """The engine's own process: its death fails requests cleanly and Serve replaces the replica; a replica
-that shuts down takes its engine process with it (no orphans)."""
+that shuts down or is killed takes its engine process with it (no orphans)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,20 @@ def engine_pid(app: App) -> int:
     return serve.get_deployment_handle("LLMServer", app_name=app.name).stats.remote().result()["engine_pid"]
 
 
+def serving_engine_pid(app: App, other_than: int | None = None, timeout_s: float = 120) -> int | None:
+    """The engine pid of a replica that answers, waiting while Serve replaces a failed one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid = engine_pid(app)
+            if pid != other_than:
+                return pid
+        except Exception:  # a replica whose engine died, or a killed replica, until Serve replaces it
+            pass
+        time.sleep(0.5)
+    return None
+
+
 @pytest.fixture(scope="module")
 def engine_app(serve_http, tiny_model) -> Iterator[App]:
     app = run_app(serve_http, tiny_model, "engine-proc", health_check_period_s=1, health_check_timeout_s=5)
@@ -57,23 +71,23 @@ def test_engine_death_fails_in_flight_requests_and_serve_replaces_the_replica(en
             assert response.status_code == 500
             assert response.json()["error"]["code"] == "internal_error"
     # the replica's health check fails, so Serve starts a new replica with a new engine process
-    deadline = time.monotonic() + 120
-    new_pid = None
-    while time.monotonic() < deadline:
-        try:
-            new_pid = engine_pid(engine_app)
-        except Exception:  # the old replica answers with its dead engine until Serve replaces it
-            new_pid = None
-        if new_pid not in (None, pid):
-            break
-        time.sleep(0.5)
+    new_pid = serving_engine_pid(engine_app, other_than=pid)
     assert new_pid not in (None, pid) and running(new_pid)
     assert completion(engine_app, stream=False).status_code == 200
 
 
+def test_killed_replica_takes_its_engine_process_with_it(engine_app):
+    stats = serve.get_deployment_handle("LLMServer", app_name=engine_app.name).stats.remote().result()
+    os.kill(stats["replica_pid"], signal.SIGKILL)  # no __del__, no atexit: the child sees EOF and exits
+    deadline = time.monotonic() + 60
+    while running(stats["engine_pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(stats["engine_pid"])
+
+
 def test_replica_shutdown_stops_the_engine_process(engine_app):
-    pid = engine_pid(engine_app)
-    assert running(pid)
+    pid = serving_engine_pid(engine_app)
+    assert pid is not None and running(pid)
     serve.delete(engine_app.name)
     deadline = time.monotonic() + 60
     while running(pid) and time.monotonic() < deadline:
