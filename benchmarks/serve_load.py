@@ -201,7 +201,7 @@ async def load_phase(
 
 
 def app_pids(app_name: str) -> dict[str, int]:
-    """pids of this client, the app's replica (and its engine thread) and the Serve proxy."""
+    """pids of this client, the app's replica, its engine process and the Serve proxy."""
     from ray import serve
     from ray._private.state import actors  # the GCS actor table: works without the dashboard
 
@@ -214,15 +214,14 @@ def app_pids(app_name: str) -> dict[str, int]:
             pids["replica"] = actor["Pid"]
         elif name == "ProxyActor":
             pids["proxy"] = actor["Pid"]
-    pids["engine thread"] = serve.get_app_handle(app_name).stats.remote().result()["thread_id"]
+    pids["engine process"] = serve.get_app_handle(app_name).stats.remote().result()["engine_pid"]
     return pids
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system) so far of each process, the replica split into its engine thread
-    and the rest, from /proc (Linux; empty elsewhere). Where a token's CPU goes, per process."""
+    """CPU seconds (user + system) so far of each process, from /proc (Linux; empty elsewhere).
+    Where a token's CPU goes, per process."""
     tick = os.sysconf("SC_CLK_TCK")
-    engine = pids.get("engine thread")
 
     def stat(path: Path) -> float:
         fields = path.read_text().rpartition(")")[2].split()
@@ -230,12 +229,8 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     try:
-        for name in ("client", "proxy", "replica"):
-            if name in pids:
-                out[name] = stat(Path(f"/proc/{pids[name]}/stat"))
-        if engine is not None and "replica" in pids:
-            out["engine thread"] = stat(Path(f"/proc/{pids['replica']}/task/{engine}/stat"))
-            out["replica"] -= out["engine thread"]
+        for name, pid in pids.items():
+            out[name] = stat(Path(f"/proc/{pid}/stat"))
     except OSError:
         return {}
     return out
@@ -524,7 +519,7 @@ def main() -> None:
         )
     console.print(table)
     where = Table(title="where a token's time goes: wall ms and CPU ms per generated token, per process")
-    parts = ("engine thread", "replica", "proxy", "client")
+    parts = ("engine process", "replica", "proxy", "client")
     for col in ("setup", "wall", *(f"CPU {p}" for p in parts), "CPU total"):
         where.add_column(col, justify="right")
     for label, p in rows:

@@ -17,9 +17,11 @@ newcomers: a small model's forward costs about the same for 1 token or 30 (per-o
 prefill forward per arrival would halve decode throughput under steady load (profiled: 43% of the
 engine thread in prefill at 16 clients); TGI's `max_waiting_tokens` makes the same trade.
 
-Why a thread and not asyncio: a forward pass blocks for milliseconds; in its own thread (torch
-releases the GIL inside kernels) the replica's event loop keeps accepting requests and streaming while
-the model computes. Why our own loop and not `generate`: measured on this CPU, a padded static batch
+Why a thread and not asyncio: a forward pass blocks for milliseconds; in its own thread the caller
+(the engine process's pipe reader, `serve.engine_process`) keeps taking submits and cancels while the
+model computes. Served, the engine runs in a process of its own, not in the replica: its Python-heavy
+steps need the GIL almost all the time (see `serve.engine_process`).
+Why our own loop and not `generate`: measured on this CPU, a padded static batch
 is ~6-10x faster than one request at a time, and transformers' `generate_batch` was slower than both.
 
 Every tensor is created on the model's device and the cache takes the model's dtype, so the same code

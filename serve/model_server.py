@@ -1,41 +1,52 @@
 """`LLMServer`: a loaded HF folder and its batch engine, streaming each request's tokens as text chunks.
 
 The OpenAI routes (`serve.ingress.OpenAIServer`) subclass it, so an HTTP request and the model share
-one replica: a token goes engine thread → this event loop → Serve proxy → client, with no handle hop.
+one replica: a token goes engine process → this event loop → Serve proxy → client, with no handle hop.
 
-Per engine step the engine makes one call (`_deliver`), which crosses to the event loop once and
-hands each request the outputs of all its sequences. A request's coroutine wakes when its chunk is
-due: its first token at once, then every `running / stream_max_chunks_per_s` seconds (never later
-than `stream_interval_max_ms`), a chunk carrying every token since the last one. So the replica
-sends about `stream_max_chunks_per_s` chunks per second however many clients stream. Why a budget
-even for a lone stream: a chunk costs the replica's event loop, the Serve proxy and the client a
-fixed amount of CPU (measured by `benchmarks/serve_load.py`: ~2.5-3 ms in all per chunk on the
-2-core dev machine, against ~1.4 ms for a decode step of its tiny model), so a stream sent token by
-token is paced by that path, not by the model, and its event-loop work takes the GIL from the
-engine thread. Detokenization and stop strings run once per chunk, not per token. When the caller
-goes away (client disconnect → Serve cancels the request), the `finally` below frees the slots.
+Two processes per replica (decoder-only models). The `BatchEngine` runs in a child process
+(`serve.engine_process`) with its own GIL; this replica process keeps tokenization, detokenization and
+HTTP. Why: a tiny model's decode step is mostly Python, so an engine *thread* in the replica needed
+the GIL that the event loop and Serve's threads also hold. Measured by `benchmarks/serve_load.py` on
+the 2-core dev machine: a lone stream's engine thread cost 2.45 ms CPU per token in the replica vs
+~1.4-1.8 ms alone, the engine and the loop sharing one core. Encoder-decoder models keep the simple
+in-process `generate` path (no iteration batching).
+
+Per engine step the child sends ONE pipe message with every output of the step (plain tuples), read
+on this event loop (`loop.add_reader`, no thread hop), and `_dispatch` files each output with its
+request. A request's coroutine wakes when its chunk is due: its first token at once, then every
+`running / stream_max_chunks_per_s` seconds (never later than `stream_interval_max_ms`), a chunk
+carrying every token since the last one. So the replica sends about `stream_max_chunks_per_s` chunks
+per second however many clients stream. Why a budget even for a lone stream: a chunk costs the
+replica's event loop, the Serve proxy and the client a fixed amount of CPU (~2.5-3 ms in all per chunk
+on the dev machine, against ~1.4 ms for a decode step of its tiny model), so a stream sent token by
+token is paced by that path, not by the model. Detokenization and stop strings run once per chunk,
+not per token. When the caller goes away (client disconnect → Serve cancels the request), the
+`finally` below cancels its sequences in the engine. If the engine process dies, every open request
+fails at once (an error, never a hang) and `check_health` fails, so Serve replaces the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from serve.engine import BatchEngine, Output, Sequence
+from serve.engine_process import EngineProcess, SeqSpec, StepOutput, load_model, pick_device
 from serve.protocol import ChunkItem, GenerationChunk, GenerationRequest
-from serve.sampling import SamplingParams
 from serve.text import ChoiceText, IncrementalDetokenizer
 
 log = logging.getLogger("ray.serve")
 
 END_OF_TURN = "<|end|>"
+
+__all__ = ["LLMServer", "chat_stop_token_ids", "eos_token_ids", "pick_device"]
 
 
 def chat_stop_token_ids(tokenizer: Any) -> set[int]:
@@ -56,32 +67,32 @@ def eos_token_ids(tokenizer: Any, config: Any) -> set[int]:
     return ids
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 when present (fp32 on CPU: exact padding math, no near-tie flips)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
 class _Request:
-    """One request's outputs between the engine thread's `_deliver` and its response coroutine."""
+    """One request's step outputs between `_dispatch` and its response coroutine.
 
-    def __init__(self, choices: int, streaming: bool) -> None:
-        self.pending: list[Output] = []
+    Its sequences have the consecutive ids `base .. base + choices - 1`, so a choice index is
+    `sequence id - base`.
+    """
+
+    def __init__(self, base: int, choices: int, streaming: bool) -> None:
+        self.base = base
+        self.pending: list[StepOutput] = []
         self.open = choices  # sequences not finished yet
         self.streaming = streaming
         self.started = False  # the first chunk (time to first token) never waits for the interval
+        self.failed = False  # the engine process died
         self.flushed = time.monotonic()
         self.ready = asyncio.Event()
 
-    def take(self) -> list[Output]:
+    def take(self) -> list[StepOutput]:
         outputs, self.pending, self.flushed = self.pending, [], time.monotonic()
         self.started = True
         return outputs
 
 
 class LLMServer:
-    """One model replica: a loaded HF model, its tokenizer and (for decoder-only models) a batch engine."""
+    """One model replica: a tokenizer and, for decoder-only models, a batch engine in a child process
+    (encoder-decoder models: the model itself, served with `generate`)."""
 
     def __init__(
         self,
@@ -98,15 +109,6 @@ class LLMServer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
         self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        auto = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
-        device, dtype = pick_device()
-        self.model = auto.from_pretrained(
-            model_path,
-            dtype=dtype,
-            local_files_only=True,
-            use_safetensors=True,  # never unpickle weights
-        ).eval()
-        self.model.to(device)
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, config))
         self.chat_stop_ids = frozenset(self.eos_ids | chat_stop_token_ids(self.tokenizer))
         pad = self.tokenizer.pad_token_id
@@ -115,39 +117,45 @@ class LLMServer:
         self.interval_max_s = stream_interval_max_ms / 1000
         self.chunks_sent = 0  # SSE-bound chunks handed out (benchmarks read chunks/s and tokens/chunk)
         self.tokens_sent = 0
-        self.engine: BatchEngine | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.engine: EngineProcess | None = None
+        self.model: Any = None
+        self._owners: dict[int, _Request] = {}  # sequence id -> its request, while the request runs
+        self._next_id = 0  # sequence ids: a request takes `choices` consecutive ones
         self._generate_lock = threading.Lock()
-        if not self.encoder_decoder:
-            self.engine = BatchEngine(
-                self.model,
+        if self.encoder_decoder:
+            self.model = load_model(model_path, encoder_decoder=True)
+            where = f"in-process on {self.model.device}"
+        else:
+            self.engine = EngineProcess(
+                model_path,
                 pad,
-                max_batch_size,
-                self._deliver,
+                torch_threads,
+                self._dispatch,
+                self._engine_died,
+                max_batch_size=max_batch_size,
                 prefill_chunk_tokens=prefill_chunk_tokens,
                 max_prefill_delay_steps=max_prefill_delay_steps,
             )
-            self.engine.start()
-        log.info("LLMServer loaded %s (%s on %s, %s)", model_path, type(self.model).__name__, device, dtype)
+            where = f"engine process pid {self.engine.pid}"
+        log.info("LLMServer loaded %s (%s)", model_path, where)
 
-    # ---- engine thread → event loop ---------------------------------------------------------------
-    def _deliver(self, outputs: list[Output]) -> None:
-        """Engine thread: one hop to the event loop per step, whatever the number of requests."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
-
+    # ---- engine process → event loop --------------------------------------------------------------
     def chunk_period(self) -> float:
         """Seconds between one stream's chunks: the replica's chunk budget shared by its streams."""
         assert self.engine is not None
         return min(self.interval_max_s, max(1, self.engine.running) / self.max_chunks_per_s)
 
-    def _dispatch(self, outputs: list[Output]) -> None:
-        """Event loop: file each output with its request; wake the requests whose chunk is due."""
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        """Event loop, once per engine step: file each output with its request; wake the requests
+        whose chunk is due."""
         touched: dict[_Request, None] = {}
+        owners = self._owners
         for out in outputs:
-            req: _Request = out.seq.owner
+            req = owners.get(out[0])
+            if req is None:  # its request already ended (stop string, disconnect)
+                continue
             req.pending.append(out)
-            if out.finish_reason is not None:
+            if out[2] is not None:
                 req.open -= 1
             touched[req] = None
         assert self.engine is not None
@@ -158,38 +166,40 @@ class LLMServer:
             if req.open == 0 or due:
                 req.ready.set()
 
+    def _engine_died(self) -> None:
+        """Event loop: the engine process is gone; every open request ends with an error now."""
+        for req in set(self._owners.values()):
+            req.failed = True
+            req.ready.set()
+
     # ---- requests ---------------------------------------------------------------------------------
-    def _sequences(
-        self, request: GenerationRequest, owner: _Request
-    ) -> tuple[list[Sequence], list[ChoiceText]]:
+    def _specs(self, request: GenerationRequest, base: int) -> tuple[list[SeqSpec], list[ChoiceText]]:
         stop_ids = self.chat_stop_ids if request.chat else self.eos_ids
         if request.ignore_eos:
             stop_ids = frozenset()
-        seqs: list[Sequence] = []
+        stop = tuple(stop_ids)
+        specs: list[SeqSpec] = []
         choices: list[ChoiceText] = []
         seed = request.seed
         for prompt, max_tokens in zip(request.prompts, request.max_tokens, strict=True):
             for j in range(request.n):
-                params = SamplingParams(
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    top_k=request.top_k,
-                    seed=None if seed is None else seed + j,
+                specs.append(
+                    (
+                        base + len(specs),
+                        prompt,
+                        max_tokens,
+                        stop,
+                        request.temperature,
+                        request.top_p,
+                        request.top_k,
+                        None if seed is None else seed + j,
+                        request.logprobs,
+                        request.prompt_logprobs,
+                    )
                 )
-                seq = Sequence(
-                    prompt,
-                    max_tokens,
-                    stop_ids,
-                    params,
-                    owner=owner,
-                    index=len(seqs),
-                    logprobs=request.logprobs,
-                    prompt_logprobs=request.prompt_logprobs,
-                )
-                seqs.append(seq)
                 detok = IncrementalDetokenizer(self.tokenizer, prompt)
                 choices.append(ChoiceText(detok, list(request.stop), stop_ids))
-        return seqs, choices
+        return specs, choices
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream a request's chunks: each a list of `ChunkItem`s, one per choice that moved on.
@@ -200,53 +210,60 @@ class LLMServer:
             yield await self._generate_seq2seq(request)
             return
         assert self.engine is not None
-        self._loop = asyncio.get_running_loop()
-        req = _Request(request.choices, request.stream)
-        seqs, choices = self._sequences(request, req)
-        self.engine.submit(seqs)
-        open_choices = set(range(len(seqs)))
+        self.engine.attach(asyncio.get_running_loop())
+        base, self._next_id = self._next_id, self._next_id + request.choices
+        req = _Request(base, request.choices, request.stream)
+        specs, choices = self._specs(request, base)
+        self.engine.submit(specs)
+        ids = range(base, base + len(specs))
+        for sid in ids:
+            self._owners[sid] = req
+        open_choices = set(range(len(specs)))
         try:
             while open_choices:
                 await req.ready.wait()
                 req.ready.clear()
-                chunk = self._chunk(req.take(), seqs, choices, open_choices)
+                if req.failed:
+                    raise RuntimeError("the engine process died")
+                chunk = self._chunk(req, request.logprobs is not None, choices, open_choices)
                 if chunk:
                     self.chunks_sent += 1
                     yield chunk
         finally:
+            for sid in ids:
+                self._owners.pop(sid, None)
             if open_choices:
-                self.engine.cancel([seqs[i] for i in open_choices])
+                self.engine.cancel([base + i for i in open_choices])
 
     def _chunk(
-        self, outputs: list[Output], seqs: list[Sequence], choices: list[ChoiceText], open_choices: set[int]
+        self, req: _Request, logprobs: bool, choices: list[ChoiceText], open_choices: set[int]
     ) -> GenerationChunk:
-        """Turn one flush of engine outputs into chunk items: one detokenization per choice."""
-        by_choice: dict[int, list[Output]] = {}
-        for out in outputs:
-            by_choice.setdefault(out.seq.index, []).append(out)
+        """Turn one flush of step outputs into chunk items: one detokenization per choice."""
+        by_choice: dict[int, list[StepOutput]] = {}
+        for out in req.take():
+            by_choice.setdefault(out[0] - req.base, []).append(out)
         chunk = []
         for index, outs in by_choice.items():
             if index not in open_choices:
                 continue
-            if outs[-1].finish_reason == "error":
+            reason = outs[-1][2]
+            if reason == "error":
                 raise RuntimeError("generation failed in the batch engine")
             choice, before = choices[index], choices[index].tokens
-            tokens = [o.token for o in outs if o.token is not None]
-            text = choice.extend(tokens, outs[-1].finish_reason)
+            tokens = [o[1] for o in outs if o[1] is not None]
+            text = choice.extend(tokens, reason)
             item = ChunkItem(index, text, choice.tokens - before)
             self.tokens_sent += item.tokens
-            if seqs[index].logprobs is not None:
-                scores = [(o.token, o.logprob, o.top) for o in outs if o.token is not None]
+            if logprobs:
+                scores = [(o[1], o[3], o[4]) for o in outs if o[1] is not None]
                 item.logprobs = scores[: item.tokens]
-            item.prompt_logprobs = next(
-                (o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None
-            )
+            item.prompt_logprobs = next((o[5] for o in outs if o[5] is not None), None)
             if choice.finish_reason is not None:
                 item.finish_reason = choice.finish_reason
                 open_choices.discard(index)
-                if outs[-1].finish_reason is None:  # a stop string ended it: the engine still runs it
+                if reason is None:  # a stop string ended it: the engine still runs it
                     assert self.engine is not None
-                    self.engine.cancel([seqs[index]])
+                    self.engine.cancel([req.base + index])
             chunk.append(item)
         return chunk
 
@@ -291,19 +308,22 @@ class LLMServer:
             ids.pop()
         return ids
 
-    def stats(self, reset_peak: bool = False) -> dict[str, int]:
-        """Engine counters (running, waiting, steps, cancelled, peak_running) and chunks/tokens sent."""
+    async def stats(self, reset_peak: bool = False) -> dict[str, int]:
+        """Engine counters (running, waiting, steps, cancelled, peak_running, thread_id), the pids of
+        this replica process and its engine process (`replica_pid`, `engine_pid`), chunks/tokens sent."""
         if self.engine is None:
             return {}
         return {
-            **self.engine.stats(reset_peak),
+            **await self.engine.stats(reset_peak),
+            "replica_pid": os.getpid(),
+            "engine_pid": self.engine.pid,
             "chunks_sent": self.chunks_sent,
             "tokens_sent": self.tokens_sent,
         }
 
     def check_health(self) -> None:
         if self.engine is not None and not self.engine.alive:
-            raise RuntimeError("batch engine thread is not running")
+            raise RuntimeError(f"the engine process (pid {self.engine.pid}) is not running")
 
     def __del__(self) -> None:
         if getattr(self, "engine", None) is not None:

@@ -34,6 +34,9 @@ def admitted_requests(cfg: ServeConfig) -> int | None:
 
 
 def torch_threads(cfg: ServeConfig) -> int:
+    """Torch threads of the replica's engine process. `num_cpus_per_replica` (the actor's `num_cpus`)
+    reserves the CPUs of both of the replica's processes: the engine process computes, the replica
+    process mostly waits on sockets, so by default the engine gets them all."""
     return cfg.torch_threads_per_replica or max(1, int(cfg.num_cpus_per_replica))
 
 
