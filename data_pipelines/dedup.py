@@ -31,6 +31,8 @@ import os
 import numpy as np
 import ray
 
+from data_pipelines.stats import RangeCounts
+
 PEAK_ENTRY_BYTES = 96  # 16-byte slots, at most half taken; old + new table while doubling
 WAIT_S = 600.0
 _RANGE_SHIFT = 32  # position = range index << 32 | document index within the range
@@ -133,15 +135,20 @@ class FirstPositions:
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
-class DedupPartition:
+class DedupPartition(RangeCounts):
     """One share of the hash space: smallest position per hash, and which ranges have reported.
 
     An async actor, so the calls of later ranges can wait for earlier ones without blocking them.
     A lost partition would have lost its minima; it is not restarted, and the range tasks fail with
     `DedupPartitionLostError` rather than silently keeping duplicates.
+
+    It is a stats ledger too (`RangeCounts`), and the run's ledger is its first partition
+    (`DedupIndex.ledger`): a separate ledger actor is one more process to start per run, about a
+    second of CPU, 4% of a 50 MB run on two cores.
     """
 
     def __init__(self, ranges: int = 0) -> None:
+        super().__init__()
         self.first = FirstPositions()
         self.ranges = ranges  # of the read plan: sizes the table once (see `first_occurrences`)
         self.reported: set[int] = set()
@@ -226,6 +233,11 @@ class DedupIndex:
         for idx, answer in zip(members, answers, strict=True):
             keep[idx] = answer
         return keep
+
+    @property
+    def ledger(self) -> ray.actor.ActorHandle:
+        """The actor the range tasks report their counts to (see `DedupPartition`)."""
+        return self.actors[0]
 
     def memory(self) -> list[dict[str, int]]:
         return ray.get([a.memory.remote() for a in self.actors])

@@ -71,7 +71,7 @@ class TokenData:
     tokenizer_dir: str
     seq_len: int
     manifest: dict[str, Any] | None = None  # materialise mode: the manifest the shards came with
-    ledger: Any = None  # stream mode: the StatsLedger actor the range tasks report to
+    ledger: Any = None  # stream mode: the actor the range tasks report their counts to (stats.RangeCounts)
     dedup: DedupIndex | None = None  # stream mode: the dedup partitions (their memory, for reports)
 
     def stats(self) -> CorpusStats | None:
@@ -250,6 +250,12 @@ def packed_blocks(
     return _ranges(plan).map_batches(pack_ranges, batch_size=1, fn_kwargs=kwargs, **_task_args(plan))
 
 
+def _ledger_and_dedup(plan: CorpusPlan) -> tuple[Any, DedupIndex | None]:
+    """The run's stats ledger and dedup partitions; with dedup, the first partition is the ledger."""
+    dedup = _dedup(plan)
+    return (dedup.ledger if dedup else new_ledger()), dedup
+
+
 def _dedup(plan: CorpusPlan) -> DedupIndex | None:
     """The dedup partitions: `data.dedup_partitions`, else enough that each holds the documents of
     at most 1 GiB of corpus and serves at most `CPUS_PER_DEDUP_PARTITION` CPUs (one partition alone
@@ -288,7 +294,7 @@ def prepare(
     shards_dir = shards_dir_of(data, run_dir)
     plan = plan_corpus(data, run_dir)
     tokenizer_dir = ensure_plan_tokenizer(plan, tok, run_dir)
-    ledger, dedup = new_ledger(), _dedup(plan)
+    ledger, dedup = _ledger_and_dedup(plan)
     reset_dir(shards_dir)
     splits = {}
     for split in SPLITS:
@@ -338,6 +344,6 @@ def token_datasets(data: DataConfig, tok: TokenizerConfig, run_dir: str) -> Toke
         return TokenData(train, val, manifest["tokenizer_dir"], data.seq_len, manifest=manifest)
     plan = plan_corpus(data, run_dir)
     tokenizer_dir = ensure_plan_tokenizer(plan, tok, run_dir)
-    ledger, dedup = new_ledger(), _dedup(plan)
+    ledger, dedup = _ledger_and_dedup(plan)
     train, val = (packed_blocks(plan, split, tokenizer_dir, ledger, dedup) for split in SPLITS)
     return TokenData(train, val, str(tokenizer_dir), data.seq_len, ledger=ledger, dedup=dedup)

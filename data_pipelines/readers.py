@@ -291,31 +291,62 @@ def _jsonl_docs(stream, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
             yield value, "", len(value.encode("utf-8"))
 
 
-def _parquet_docs(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> Iterator[tuple[str, str, int]]:
+def _parquet_tables(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> Iterator[pa.Table]:
+    """A Parquet file's text column as raw tables of `tokenize_batch_size` rows, a column batch at a
+    time (Arrow casts and length kernels, no Python step per document)."""
     with fs.open_input_file(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, OSError):  # not a Parquet file (corrupt, truncated): count, go on
-            yield "", "unreadable_file", 0
+            yield _uniform_rows(1, "unreadable_file")
             return
         if cfg.text_field not in pf.schema_arrow.names:
-            for _ in range(pf.metadata.num_rows):
-                yield "", "missing_field", 0
+            rows = pf.metadata.num_rows
+            for lo in range(0, rows, cfg.tokenize_batch_size):
+                yield _uniform_rows(min(cfg.tokenize_batch_size, rows - lo), "missing_field")
             return
-        kind = pf.schema_arrow.field(cfg.text_field).type
-        for batch in pf.iter_batches(batch_size=1024, columns=[cfg.text_field]):
-            for value in batch.column(0).to_pylist():
-                if value is None:
-                    yield "", "missing_field", 0
-                elif isinstance(value, bytes) and (
-                    pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-                ):
-                    text, reason = _decode(value)
-                    yield text, reason, len(value)
-                elif not isinstance(value, str):
-                    yield "", "non_string_field", 0
-                else:
-                    yield value, "", len(value.encode("utf-8"))
+        for batch in pf.iter_batches(batch_size=cfg.tokenize_batch_size, columns=[cfg.text_field]):
+            yield _parquet_table(batch.column(0))
+
+
+def _uniform_rows(n: int, reason: str) -> pa.Table:
+    """`n` documents dropped for the same reason."""
+    return _dropped_rows(pa.repeat(pa.scalar(reason), n))
+
+
+def _dropped_rows(reasons: pa.Array) -> pa.Table:
+    """Rows without text, one per drop reason."""
+    n = len(reasons)
+    empty = pa.repeat(pa.scalar("", pa.large_string()), n)
+    return pa.table([empty, reasons.cast(pa.string()), pa.repeat(pa.scalar(0), n)], schema=RAW_SCHEMA)
+
+
+def _parquet_table(column: pa.Array) -> pa.Table:
+    """Raw rows of one batch of a Parquet text column: strings are documents, null is
+    missing_field, binary must be UTF-8 (a batch with a bad value goes value by value, so only the
+    bad ones get invalid_utf8), anything else is non_string_field."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    kind = column.type
+    textual = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+    if not (textual or binary):
+        return _dropped_rows(pc.if_else(column.is_valid(), "non_string_field", "missing_field"))
+    try:
+        text = column.cast(pa.large_string())  # validates UTF-8 for binary
+    except pa.ArrowInvalid:
+        rows = [("", "missing_field", 0) if v is None else (*_decode(v), len(v)) for v in column.to_pylist()]
+        texts, reasons, nbytes = zip(*rows, strict=True)
+        return pa.table([list(texts), list(reasons), list(nbytes)], schema=RAW_SCHEMA)
+    valid = column.is_valid()
+    return pa.table(
+        [
+            text.fill_null(""),
+            pc.if_else(valid, "", "missing_field").cast(pa.string()),
+            pc.binary_length(text).cast(pa.int64()).fill_null(0),
+        ],
+        schema=RAW_SCHEMA,
+    )
 
 
 def splittable(f: InputFile, cfg: DataConfig) -> bool:
@@ -449,7 +480,7 @@ def read_file_docs(
     file) as Arrow tables (text, reason, bytes); never raises on bad content."""
     fs, path = open_uri(uri)
     if fmt == "parquet":
-        yield from _tables(_parquet_docs(fs, path, cfg), _Out(cfg.tokenize_batch_size))
+        yield from _parquet_tables(fs, path, cfg)
     elif end is not None:  # a byte range `plan_reads` cut from a large splittable file
         yield from _range_tables(fs, path, fmt, cfg, start, end)
     else:

@@ -1,7 +1,7 @@
 """What happened to the corpus: documents read, kept, dropped per reason, bytes, tokens, blocks.
 
-Each range task counts the documents of its range and split and reports them to one `StatsLedger`
-actor in a single call per range (not per batch, so the ledger is off the hot path), before the
+Each range task counts the documents of its range and split and reports them to one ledger actor
+(`RangeCounts`) in a single call per range (not per batch, so the ledger is off the hot path), before the
 range's last blocks leave the task. The totals are exact and describe exactly the blocks that were
 produced, in stream mode as well as in materialise mode.
 """
@@ -89,13 +89,15 @@ class CorpusStats:
         return t
 
 
-@ray.remote(num_cpus=0)
-class StatsLedger:
+class RangeCounts:
     """Counts per (split, range) from the range tasks; a split's total is the sum over its ranges.
 
     A lazily executed dataset may run more than once (every epoch, train and val separately), and a
     failed task may be retried. A range's counts are a function of the corpus and config alone, so a
     repeated report replaces the earlier one with the same numbers instead of adding it up again.
+
+    A plain class, hosted by an actor: `StatsLedger` on its own, or the first dedup partition when
+    the run de-duplicates (every Ray actor is a process start, about a second of CPU; see `dedup.py`).
     """
 
     def __init__(self) -> None:
@@ -113,6 +115,11 @@ class StatsLedger:
                 total = total + CorpusStats.from_dict(counts)
             out[split] = total.to_dict()
         return out
+
+
+@ray.remote(num_cpus=0)
+class StatsLedger(RangeCounts):
+    """The ledger of a run without de-duplication (one with it keeps its counts in a dedup partition)."""
 
 
 def new_ledger() -> ray.actor.ActorHandle:

@@ -77,6 +77,16 @@ def test_parquet_column_nulls_and_wrong_types(tmp_path):
     assert [r for _, r in _docs(str(path), "parquet", DataConfig(text_field="nope"))] == ["missing_field"] * 3
 
 
+def test_parquet_binary_column_keeps_good_values_around_a_bad_one(tmp_path):
+    """A batch is converted at once; a bad UTF-8 value costs only itself, in any batch size."""
+    path = tmp_path / "b.parquet"
+    values = [b"fine", b"bad \xff", None, b"caf\xc3\xa9"]
+    pq.write_table(pa.table({"raw": pa.array(values, pa.binary())}), path)
+    want = [("fine", ""), ("", "invalid_utf8"), ("", "missing_field"), ("caf\u00e9", "")]
+    for batch in (1, 3, 2048):
+        assert _docs(str(path), "parquet", DataConfig(text_field="raw", tokenize_batch_size=batch)) == want
+
+
 def test_list_inputs_dirs_globs_uris_and_missing(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("b.txt", "a.jsonl", "sub/c.parquet", "notes.csv", "_SUCCESS"):
