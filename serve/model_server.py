@@ -1,7 +1,8 @@
 """`LLMServer`: a loaded HF folder and its batch engine, streaming each request's tokens as text chunks.
 
 The OpenAI routes (`serve.ingress.OpenAIServer`) subclass it, so an HTTP request and the model share
-one replica: a token goes engine process → this event loop → Serve proxy → client, with no handle hop.
+one replica: a token goes engine process → this event loop → client (straight from the replica's own
+port with Serve's direct ingress, else through Serve's proxy), with no handle hop.
 
 Two processes per replica (decoder-only models). The `BatchEngine` runs in a child process
 (`serve.engine_process`) with its own GIL; this replica process keeps tokenization, detokenization and
