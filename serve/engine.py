@@ -48,6 +48,13 @@ from serve.sampling import SamplingParams, sample_next, token_logprobs
 
 log = logging.getLogger(__name__)
 
+
+def check_fits(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    """A sequence needs a prompt token, and prompt + new tokens within the model's context."""
+    if prompt_len + max_new_tokens > context or not prompt_len:
+        raise ValueError(f"prompt + max_new_tokens must be 1..{context} tokens")
+
+
 @dataclass(eq=False)
 class Sequence:
     """One sequence to generate: the prompt, its limits, what to report and whom it belongs to."""
@@ -150,8 +157,7 @@ class BatchEngine:
 
     def submit(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
-            if len(seq.prompt_ids) + seq.max_new_tokens > self.context or not seq.prompt_ids:
-                raise ValueError(f"prompt + max_new_tokens must be 1..{self.context} tokens")
+            check_fits(len(seq.prompt_ids), seq.max_new_tokens, self.context)
         with self._cv:
             self._waiting.extend(seqs)
             self._cv.notify()

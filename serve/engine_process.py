@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from serve.engine import BatchEngine, Output, Sequence
+from serve.engine import BatchEngine, Output, Sequence, check_fits
 from serve.protocol import PromptScore, TopLogprobs
 from serve.sampling import SamplingParams
 
@@ -235,9 +235,8 @@ class EngineProcess:
         self._conn.send(msg)
 
     def submit(self, specs: list[SeqSpec]) -> None:
-        for spec in specs:
-            if not spec[1] or len(spec[1]) + spec[2] > self.context:
-                raise ValueError(f"prompt + max_new_tokens must be 1..{self.context} tokens")
+        for spec in specs:  # here, so the caller gets the error (the child's would come back too late)
+            check_fits(len(spec[1]), spec[2], self.context)
         self._send(("submit", specs))
 
     def cancel(self, ids: list[int]) -> None:
