@@ -104,7 +104,6 @@ def deploy(cfg: RunConfig, folder: Path, console: Console, app_name: str = SERVE
     from ray import serve
 
     from serve.app import build_app
-    from serve.direct_ingress import replica_urls
 
     key, source = resolve_api_key(cfg, console)
     section = cfg.serve.model_dump(mode="json") | {"model_path": str(folder)}
@@ -112,13 +111,22 @@ def deploy(cfg: RunConfig, folder: Path, console: Console, app_name: str = SERVE
     app = build_app({"model_path": str(folder), "serve": section})
     current_line().update(f"starting {folder.name} on Ray Serve (replicas load the weights)")
     serve.run(app, name=app_name, route_prefix=cfg.serve.route_prefix, logging_config=serve_logging())
-    http = serve.context._get_global_client().http_config  # the proxy that runs, if Serve was already up
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    prefix = f"{cfg.serve.route_prefix.rstrip('/')}/v1"
-    direct = tuple(f"{url}{prefix}" for url in replica_urls(app_name))
+    base, direct = app_urls(app_name, cfg.serve.route_prefix)
     key_file = cfg.layout().serve_key if source.startswith("generated") else None
-    base = f"http://{host}:{http.port}{prefix}"
     return Endpoint(base, cfg.serve.model_name or folder.name, key, source, key_file, direct)
+
+
+def app_urls(app_name: str, route_prefix: str) -> tuple[str, tuple[str, ...]]:
+    """A running app's OpenAI base URL through Serve's proxy (the one that runs, if Serve was already
+    up), and through each replica's own port (direct ingress; none when it is off)."""
+    from ray import serve
+
+    from serve.direct_ingress import WILDCARD_HOSTS, replica_urls
+
+    http = serve.context._get_global_client().http_config
+    host = "127.0.0.1" if http.host in WILDCARD_HOSTS else http.host
+    prefix = f"{route_prefix.rstrip('/')}/v1"
+    return f"http://{host}:{http.port}{prefix}", tuple(f"{url}{prefix}" for url in replica_urls(app_name))
 
 
 def smoke_requests(endpoint: Endpoint, questions: list[str], max_tokens: int) -> list[dict[str, str]]:

@@ -71,10 +71,10 @@ def serve_command(target: Target, set_: SetOpt = None) -> None:
     import ray
     from ray import serve
 
+    from cluster.deploy import app_urls
     from cluster.local_ray import ensure_ray
     from cluster.preflight import preflight
     from serve.app import build_app
-    from serve.direct_ingress import replica_urls
 
     try:
         app = build_app({"model_path": str(folder), "serve": cfg.serve.model_dump(mode="json")})
@@ -97,14 +97,11 @@ def serve_command(target: Target, set_: SetOpt = None) -> None:
                 serve.shutdown()
                 ray.shutdown()
             fail(f"the model replicas failed to start: {reason}", code=1)
-    http = serve.context._get_global_client().http_config  # the proxy that runs, if Serve was already up
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
-    prefix = cfg.serve.route_prefix.rstrip("/")
-    base = f"http://{host}:{http.port}{prefix}"
+    base, direct = app_urls(APP_NAME, cfg.serve.route_prefix)
     model = cfg.serve.model_name or folder.name
-    console.print(f"[green]serving[/] {model} at [bold]{base}/v1[/]  (Ctrl-C to stop)", highlight=False)
-    for url in replica_urls(APP_NAME):
-        console.print(f"  a replica's own port (no proxy hop): {url}{prefix}/v1", highlight=False)
+    console.print(f"[green]serving[/] {model} at [bold]{base}[/]  (Ctrl-C to stop)", highlight=False)
+    for url in direct:
+        console.print(f"  a replica's own port (no proxy hop): {url}", highlight=False)
     if not cfg.serve.require_api_key:
         console.print("[yellow]warning:[/] API keys are not required (serve.require_api_key=false)")
 
