@@ -36,7 +36,7 @@ def reference(model_dir: Path, prompts: list[str], new_tokens: int, device: str)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve.model_server import pick_device
+    from serve.engine_process import pick_device
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     dtype = pick_device()[1] if device == "cuda" else torch.float32

@@ -39,15 +39,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from serve.engine_process import EngineProcess, SeqSpec, StepOutput, load_model, pick_device
+from serve.engine_process import EngineProcess, SeqSpec, StepOutput, load_model
 from serve.protocol import ChunkItem, GenerationChunk, GenerationRequest
 from serve.text import ChoiceText, IncrementalDetokenizer
 
 log = logging.getLogger("ray.serve")
 
 END_OF_TURN = "<|end|>"
-
-__all__ = ["LLMServer", "chat_stop_token_ids", "eos_token_ids", "pick_device"]
 
 
 def chat_stop_token_ids(tokenizer: Any) -> set[int]:
