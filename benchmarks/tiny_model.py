@@ -4,7 +4,7 @@ A raylm tokenizer is trained on the vendored tinyshakespeare (no downloads) and 
 as an HF folder that `serve` loads like any exported run. Defaults are ARCHITECTURE.md's 4-layer,
 256-wide model that `serve_load.py` measures; `serve_gpu_check.py` asks for a larger one with
 grouped-query attention and a wide `initializer_range` (logits far apart, so bf16 batch-shape noise
-cannot flip a greedy choice).
+cannot flip a greedy choice); the serving tests' fixture (`tests/serve/conftest.py`) a smaller one.
 """
 
 from __future__ import annotations
@@ -21,20 +21,25 @@ def build_tiny_llama(
     hidden: int = 256,
     layers: int = 4,
     intermediate: int = 688,
+    heads: int | None = None,
     kv_heads: int | None = None,
     context: int = 512,
     initializer_range: float = 0.02,
+    vocab_size: int = 2048,
+    corpus: Path = CORPUS,
+    corpus_chars: int = 300_000,
 ) -> Path:
-    """Write a random Llama (heads of 64 dims; `kv_heads` None = one per head) and its tokenizer to `out`."""
+    """Write a random Llama and its tokenizer (BPE of `vocab_size`, trained on the first `corpus_chars`
+    of `corpus`) to `out`. `heads` None: heads of 64 dims; `kv_heads` None: one per head."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from data_pipelines.config import TokenizerConfig
     from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
 
-    text = CORPUS.read_text(encoding="utf-8")[:300_000]
+    text = corpus.read_text(encoding="utf-8")[:corpus_chars]
     train_tokenizer(
-        [text[i : i + 2000] for i in range(0, len(text), 2000)], TokenizerConfig(vocab_size=2048), out
+        [text[i : i + 2000] for i in range(0, len(text), 2000)], TokenizerConfig(vocab_size=vocab_size), out
     )
     tok = load_tokenizer(out)
     torch.manual_seed(0)
@@ -42,8 +47,8 @@ def build_tiny_llama(
         vocab_size=len(tok),
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=kv_heads or hidden // 64,
+        num_attention_heads=heads or hidden // 64,
+        num_key_value_heads=kv_heads or heads or hidden // 64,
         intermediate_size=intermediate,
         max_position_embeddings=context,
         initializer_range=initializer_range,

@@ -28,32 +28,21 @@ def free_port() -> int:
 
 
 def make_tiny_model(out: Path, corpus: Path, context: int = 256) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The module docstring's 2-layer Llama, built by the serving benchmarks' own builder."""
+    from benchmarks.tiny_model import build_tiny_llama
 
-    from data_pipelines.config import TokenizerConfig
-    from data_pipelines.tokenizer import load_tokenizer, train_tokenizer
-
-    text = corpus.read_text(encoding="utf-8")[:200_000]
-    train_tokenizer(
-        [text[i : i + 2000] for i in range(0, len(text), 2000)], TokenizerConfig(vocab_size=512), out
-    )
-    tok = load_tokenizer(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=344,
-        max_position_embeddings=context,
+    return build_tiny_llama(
+        out,
+        hidden=128,
+        layers=2,
+        intermediate=344,
+        heads=4,
+        context=context,
         initializer_range=0.1,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        vocab_size=512,
+        corpus=corpus,
+        corpus_chars=200_000,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
