@@ -145,7 +145,7 @@ def pack_range(
         stats.train_documents, stats.train_blocks = stats.documents_kept, stats.blocks
     else:
         stats.val_documents, stats.val_blocks = stats.documents_kept, stats.blocks
-    ray.get(ledger.add.remote(split, item["index"], stats.to_dict()))
+    ray.get(ledger.add.remote(split, item["index"], stats.to_dict(), dedup.run if dedup else 0))
     if out:
         yield _output(out)
 

@@ -89,6 +89,10 @@ class CorpusStats:
         return t
 
 
+class StaleRunError(RuntimeError):
+    """A task of a finished run reported to a ledger or dedup partition that now serves another."""
+
+
 class RangeCounts:
     """Counts per (split, range) from the range tasks; a split's total is the sum over its ranges.
 
@@ -100,10 +104,15 @@ class RangeCounts:
     the run de-duplicates (every Ray actor is a process start, about a second of CPU; see `dedup.py`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run: int = 0) -> None:
         self._ranges: dict[str, dict[int, dict[str, Any]]] = {}
+        self.run = run  # the run counted now (a dedup partition serves one run after another)
 
-    def add(self, split: str, range_index: int, counts: dict[str, Any]) -> None:
+    def add(self, split: str, range_index: int, counts: dict[str, Any], run: int = 0) -> None:
+        """Record one range's counts; a report from another run (a task of an abandoned run still
+        going after its partitions were handed to the next run) is refused."""
+        if run != self.run:
+            raise StaleRunError(f"counts of run {run} sent to a ledger now counting run {self.run}")
         self._ranges.setdefault(split, {})[range_index] = counts
 
     def stats(self) -> dict[str, dict[str, Any]]:

@@ -4,6 +4,7 @@ error when a partition is lost."""
 
 from __future__ import annotations
 
+import gc
 import traceback
 
 import numpy as np
@@ -12,6 +13,7 @@ import ray
 
 from data_pipelines.dedup import DedupIndex, DedupPartition, DedupPartitionLostError, FirstPositions
 from data_pipelines.pipeline import token_datasets
+from data_pipelines.stats import StaleRunError
 
 
 def test_a_later_range_waits_for_earlier_ones_and_loses_to_them(ray_cluster):
@@ -60,6 +62,27 @@ def test_index_splits_hashes_over_partitions_and_keeps_first_occurrences(ray_clu
     assert keep1.tolist() == [False] * 50 + [True] * 100
     held = [m["entries"] for m in index.memory()]
     assert sum(held) == 300 and all(held)  # every partition holds a share, none holds all
+
+
+def test_the_next_run_reuses_an_ended_runs_partitions_emptied_and_refuses_its_stale_calls(ray_cluster):
+    """A partition process is kept for the next run once its index is collected: the next run
+    starts from an empty table (a hash of the run before is new again), and a late call of the
+    ended run (an abandoned task still going) is refused instead of touching the new run."""
+    hashes = np.random.default_rng(3).integers(-(1 << 63), (1 << 63) - 1, 20, dtype=np.int64)
+    first = DedupIndex(1, ranges=2)
+    assert first.first_occurrences(0, hashes, np.arange(20)).all()
+    actor, ended = first.actors[0], first.run
+    del first
+    gc.collect()
+    second = DedupIndex(1, ranges=2)
+    assert second.actors[0]._actor_id == actor._actor_id  # the same process, not a new one
+    assert second.first_occurrences(0, hashes, np.arange(20)).all()  # run 1's hashes are gone
+    assert second.first_occurrences(1, hashes[:5], np.arange(5)).tolist() == [False] * 5
+    with pytest.raises(StaleRunError):
+        ray.get(actor.first_occurrences.remote(1, hashes, np.arange(20), ended))
+    with pytest.raises(StaleRunError):
+        ray.get(actor.add.remote("train", 1, {"documents_read": 9}, ended))
+    assert ray.get(second.ledger.stats.remote()) == {}
 
 
 def test_a_lost_partition_fails_the_range_with_what_to_change(ray_cluster):
