@@ -27,6 +27,14 @@ _SPACE_NOT_BLANK = r"\t\x0b\x0c\x{a0}\x{1680}\x{2000}-\x{200a}\x{202f}\x{205f}\x
 _HSPACE = rf"[ {_SPACE_NOT_BLANK}]{{2,}}|[{_SPACE_NOT_BLANK}]"
 _AROUND_NEWLINE = r" \n ?|\n "
 _MANY_NEWLINES = r"\n{3,}"
+_REPLACEMENTS = (
+    (_LINE_BREAKS, "\n"),
+    (_CONTROL, ""),
+    (_HSPACE, " "),
+    (_AROUND_NEWLINE, "\n"),
+    (_MANY_NEWLINES, "\n\n"),
+)
+_ANY_REPLACEMENT = "|".join(f"(?:{pattern})" for pattern, _ in _REPLACEMENTS)
 
 
 def clean_texts(texts: pa.Array, cfg: DataConfig) -> tuple[pa.Array, list[str]]:
@@ -46,11 +54,7 @@ def _clean(texts: pa.Array, cfg: DataConfig) -> tuple[pa.Array, np.ndarray, np.n
     text = pc.if_else(too_long_raw, "", texts)
     if cfg.normalization != "none":
         text = pc.utf8_normalize(text, form=cfg.normalization)
-    text = pc.replace_substring_regex(text, pattern=_LINE_BREAKS, replacement="\n")
-    text = pc.replace_substring_regex(text, pattern=_CONTROL, replacement="")
-    text = pc.replace_substring_regex(text, pattern=_HSPACE, replacement=" ")
-    text = pc.replace_substring_regex(text, pattern=_AROUND_NEWLINE, replacement="\n")
-    text = pc.replace_substring_regex(text, pattern=_MANY_NEWLINES, replacement="\n\n")
+    text = _replace_all(text)
     text = pc.utf8_trim(text, characters=" \n")
     length = pc.utf8_length(text).to_numpy(zero_copy_only=False)
     raw_long = too_long_raw.to_numpy(zero_copy_only=False)
@@ -61,6 +65,28 @@ def _clean(texts: pa.Array, cfg: DataConfig) -> tuple[pa.Array, np.ndarray, np.n
     reasons[too_long] = "too_long"
     dropped = too_long | (length < cfg.min_chars)  # min_chars >= 1, so this covers "empty"
     return pc.if_else(pa.array(dropped), "", text), reasons, dropped
+
+
+def _replace_all(text: pa.Array) -> pa.Array:
+    """The `_REPLACEMENTS` in order, on the documents that any of them matches; the others are
+    left as they are, which is what the replacements would leave them (a document no pattern
+    matches is not changed by the first, so not by the next either). One scan for all patterns
+    costs about what one replacement pass does, and most documents of a clean corpus need none."""
+    touched = pc.match_substring_regex(text, pattern=_ANY_REPLACEMENT).fill_null(False)
+    rows = np.flatnonzero(touched.to_numpy(zero_copy_only=False))
+    if not len(rows):
+        return text
+    if len(rows) == len(text):
+        return _replace_all_rows(text)
+    if isinstance(text, pa.ChunkedArray):  # replace_with_mask takes arrays
+        text, touched = text.combine_chunks(), touched.combine_chunks()
+    return pc.replace_with_mask(text, touched, _replace_all_rows(text.take(rows)))
+
+
+def _replace_all_rows(text: pa.Array) -> pa.Array:
+    for pattern, replacement in _REPLACEMENTS:
+        text = pc.replace_substring_regex(text, pattern=pattern, replacement=replacement)
+    return text
 
 
 def clean_text(text: str, cfg: DataConfig) -> tuple[str, str]:
