@@ -90,10 +90,11 @@ def zero3_persistence_threshold(cfg: TrainConfig) -> int | None:
 
     Wall seconds per step in run C (16 steps, quietest): 1.288 with the defaults, 1.231 kept whole
     (+5 %). Leaf modules (one hook per decoder layer instead of per Linear/Norm) add nothing once
-    nothing is partitioned, so they stay DeepSpeed's default. Inside Ray an earlier one-round A/B of
-    this threshold gave +2 % tokens/s (`benchmarks/train_throughput.py`, 2 workers, 0.82x of plain
-    PyTorch either way): the rest of ZeRO-3's gap on CPU is its gradient partitioning and optimizer
-    step over partitions, which this setting keeps.
+    nothing is partitioned, so they stay DeepSpeed's default. Inside Ray (`benchmarks/train_throughput.py
+    --sizes 12.5M --rounds 2`, light load from other jobs): 2 workers ZeRO-3 1,807 and 1,781 tokens/s
+    against plain PyTorch's 2,108 and 2,081 just before, 0.86x (0.81-0.82x with DeepSpeed's threshold
+    in earlier sessions; a one-round A/B there gave +2 %). The rest of ZeRO-3's gap on CPU is its
+    gradient partitioning and optimizer step over partitions, which this setting keeps.
     """
     if cfg.zero_stage != 3:
         return None
