@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +60,11 @@ class TrainConfig(ScheduleConfig):
         None, ge=1, description="intra-op threads per worker (default: cores / workers on the node)"
     )
     zero_stage: Literal[0, 1, 2, 3] = 3
+    zero3_param_persistence_threshold: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        "auto", description="ZeRO-3: parameters of at most this many elements stay whole on every worker "
+        "(DeepSpeed's stage3_param_persistence_threshold); auto = 5e7 on CPU (a small model is kept "
+        "whole, gradients and optimizer state stay partitioned), DeepSpeed's 1e5 on GPU"
+    )
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

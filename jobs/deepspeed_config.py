@@ -57,6 +57,52 @@ def optimizer_impl_params(cfg: TrainConfig) -> dict[str, Any]:
     return {}
 
 
+# ZeRO-3 on CPU keeps parameters whole on every worker up to this many elements each (200 MB in fp32).
+CPU_WHOLE_PARAM_ELEMENTS = 50_000_000
+
+
+def zero3_persistence_threshold(cfg: TrainConfig) -> int | None:
+    """`stage3_param_persistence_threshold` to set (None: DeepSpeed's default, 1e5 elements).
+
+    ZeRO-3's per-step host work, not its all-gathers, is what separates it from plain PyTorch on CPU:
+    every partitioned parameter is fetched when its module's forward and backward begin, released
+    after, and traced for prefetching, ~60 passes through that bookkeeping a step for the 12.5M
+    benchmark Llama (with DeepSpeed's threshold only norms are whole: a 320 x 320 projection already
+    has 102,400 elements). `auto` on CPU (gloo, parameters not offloaded) keeps every parameter up to
+    `CPU_WHOLE_PARAM_ELEMENTS` whole: the hooks find nothing to fetch, gradients and optimizer state
+    stay partitioned (one reduce-scatter per step, one gather of the updated parameters after the
+    optimizer, as ZeRO-2), and checkpoints keep the same sharded layout. On GPU, NCCL gathers overlap
+    compute through prefetching and memory is the point of ZeRO-3, so DeepSpeed's default stays.
+
+    Measured outside Ray (`python benchmarks/zero3_settings.py`: 12.5M Llama, 2 gloo processes x 1
+    thread, micro batch 4; rank 0's CPU seconds per step after warm-up, median of 3 alternating
+    rounds; identical losses in every setting) on 2 cores shared with other jobs, so indicative:
+
+        setting (zero_optimization)                       run A  run B  run C   vs defaults
+        DeepSpeed's defaults (persistence threshold 1e5)  1.083  1.042  1.026   -
+        stage3_param_persistence_threshold 5e7 (auto)     1.011  0.986  0.985   +4 to +7 % (9/9 pairs)
+        LlamaDecoderLayer as ZeRO-3 leaf modules          1.073                 +1 %
+        leaf modules + threshold 5e7                      1.011                 +7 % (= threshold alone)
+        leaf modules + stage3_prefetch_bucket_size 0      1.034                 +5 %
+        stage3_prefetch_bucket_size 0                                   1.041   -1 %
+        stage3_module_granularity_threshold 1e9           fails: zero_grad calls record_stream on a
+                                                          CPU tensor (DeepSpeed 0.19.8)
+
+    Wall seconds per step in run C (16 steps, quietest): 1.288 with the defaults, 1.231 kept whole
+    (+5 %). Leaf modules (one hook per decoder layer instead of per Linear/Norm) add nothing once
+    nothing is partitioned, so they stay DeepSpeed's default. Inside Ray (`benchmarks/train_throughput.py
+    --sizes 12.5M --rounds 2`, light load from other jobs): 2 workers ZeRO-3 1,807 and 1,781 tokens/s
+    against plain PyTorch's 2,108 and 2,081 just before, 0.86x (0.81-0.82x with DeepSpeed's threshold
+    in earlier sessions; a one-round A/B there gave +2 %). The rest of ZeRO-3's gap on CPU is its
+    gradient partitioning and optimizer step over partitions, which this setting keeps.
+    """
+    if cfg.zero_stage != 3:
+        return None
+    if cfg.zero3_param_persistence_threshold != "auto":
+        return cfg.zero3_param_persistence_threshold
+    return None if cfg.use_gpu or cfg.offload_params else CPU_WHOLE_PARAM_ELEMENTS
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed config dict for `world_size` workers (LR schedule is separate: see `lr_lambda`).
 
@@ -76,6 +122,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
     if cfg.zero_stage == 3:
         # Export consolidates the fp32 shards offline (zero_to_fp32), so no 16-bit gather at save time.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        persistence = zero3_persistence_threshold(cfg)
+        if persistence is not None:
+            zero["stage3_param_persistence_threshold"] = persistence
     optimizer_params: dict[str, Any] = {
         "lr": cfg.lr,
         "betas": list(cfg.betas),

@@ -279,6 +279,10 @@ class _Worker:
             config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg)),
         )
+        # ZeRO-3 parameters kept whole on every worker (train.zero3_param_persistence_threshold): in the
+        # start record, so a run shows whether its forward/backward all-gathers anything.
+        persistent = getattr(self.engine.optimizer, "persistent_parameters", None) or []
+        self.whole_params = sum(p.ds_numel for p in persistent) if self.cfg.zero_stage == 3 else None
         # fp32 without ZeRO: the loop clips (see `loop_clips_gradients`) and so has the norm; the other
         # paths clip inside DeepSpeed, which reports the norm.
         self._own_grad_norm = loop_clips_gradients(self.cfg)
@@ -509,6 +513,7 @@ class _Worker:
             node_ids=node_ids,
             pids=pids,
             num_params=self.flops.num_params,
+            whole_params=self.whole_params,
             flops_per_token=self.flops.flops_per_token(),
             peak_flops=self.peak_flops,
             data_position={"epoch": self.epoch, "micro_batches_in_epoch": self.micro_in_epoch},

@@ -113,3 +113,20 @@ def test_fp32_zero0_clips_in_the_loop_not_in_deepspeed():
     for cfg in (TrainConfig(zero_stage=3, grad_clip=0.5), TrainConfig(zero_stage=0, grad_clip=0.5,
                                                                       precision="bf16")):
         assert not loop_clips_gradients(cfg) and deepspeed_config(cfg, 1)["gradient_clipping"] == 0.5
+
+
+def test_zero3_keeps_a_small_model_whole_on_cpu_only():
+    zero = lambda cfg: deepspeed_config(cfg, 2)["zero_optimization"]  # noqa: E731
+    assert zero(TrainConfig())["stage3_param_persistence_threshold"] == 50_000_000  # CPU ZeRO-3 auto
+    for deepspeed_default in (TrainConfig(use_gpu=True), TrainConfig(offload_params=True),
+                              TrainConfig(zero_stage=1)):
+        assert "stage3_param_persistence_threshold" not in zero(deepspeed_default), deepspeed_default
+    chosen = TrainConfig(use_gpu=True, zero3_param_persistence_threshold=0)
+    assert zero(chosen)["stage3_param_persistence_threshold"] == 0
+
+
+def test_zero3_persistence_threshold_errors_name_the_field():
+    for bad in ("lots", "-1"):
+        with pytest.raises(Exception, match=r"train.zero3_param_persistence_threshold.*'auto'") as err:
+            load_config(None, [f"train.zero3_param_persistence_threshold={bad}"])
+        assert bad in str(err.value)

@@ -27,6 +27,7 @@ def test_zero3_two_workers_loss_falls_and_val_reported(zero3_run):
     val_recs = [r for r in result.metrics if r["event"] == "val"]
     start = [r for r in result.metrics if r["event"] == "start"]
     assert start[0]["world_size"] == 2 and start[0]["step"] == 0
+    assert start[0]["whole_params"] == start[0]["num_params"]  # CPU auto: a small model is kept whole
     assert train_recs[-1]["step"] == 30
     first, last = train_recs[0]["loss"], train_recs[-1]["loss"]
     assert last < first - 1.0, (first, last)
