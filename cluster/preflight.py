@@ -453,14 +453,18 @@ def estimate_memory(
     """Model states (DeepSpeed's estimators for the ZeRO stage and offload) + activations per worker.
 
     The estimators count one "GPU" per worker and assume every parameter trains; on CPU that device
-    memory is host memory too. With LoRA they count the adapters, and the frozen base adds its weights
-    once per worker (LoRA runs at ZeRO <= 2, which does not partition parameters).
+    memory is host memory too. ZeRO-3 on CPU keeps a small model's weights whole on every worker
+    (`jobs.deepspeed_config.zero3_persistence`), which the estimator does not know: they are added. With
+    LoRA they count the adapters, and the frozen base adds its weights once per worker (LoRA runs at
+    ZeRO <= 2, which does not partition parameters).
     Activations follow Korthikanti et al. (2022) for one transformer layer without recomputation,
     s·b·h·(34 + 5·a·s/h) bytes at 16-bit, scaled to the element size, plus the logits and their grad;
     with activation checkpointing, each layer's input plus one layer recomputed.
     """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from jobs.deepspeed_config import zero3_whole_elements
 
     t, shape = _train_settings(cfg, stage), _shape(cfg, stage)
     num_nodes = max(1, math.ceil(t.num_workers / workers_per_node))
@@ -470,6 +474,7 @@ def estimate_memory(
         host, device, _ = estimate_zero3_model_states_mem_needs(
             trainable, largest, workers_per_node, num_nodes, t.offload_optimizer, t.offload_params
         )
+        device += zero3_whole_elements(t, trainable) * 4  # kept whole on every worker (fp32 on CPU)
     else:  # stages 1 and 2 partition less than 3 does; stage 0 partitions nothing (= one worker)
         partitioned = t.zero_stage > 0
         host, device = estimate_zero2_model_states_mem_needs(

@@ -57,22 +57,25 @@ def optimizer_impl_params(cfg: TrainConfig) -> dict[str, Any]:
     return {}
 
 
-# ZeRO-3 on CPU keeps parameters whole on every worker up to this many elements each (200 MB in fp32).
+# ZeRO-3 on CPU keeps parameters whole on every worker up to this many elements, each and in total
+# (200 MB in fp32): a small model whole, a large one partitioned as ZeRO-3 is meant to.
 CPU_WHOLE_PARAM_ELEMENTS = 50_000_000
 
 
-def zero3_persistence_threshold(cfg: TrainConfig) -> int | None:
-    """`stage3_param_persistence_threshold` to set (None: DeepSpeed's default, 1e5 elements).
+def zero3_persistence(cfg: TrainConfig) -> dict[str, int]:
+    """The ZeRO-3 persistence settings to set ({}: DeepSpeed's defaults, 1e5 elements per parameter).
 
     ZeRO-3's per-step host work, not its all-gathers, is what separates it from plain PyTorch on CPU:
-    every partitioned parameter is fetched when its module's forward and backward begin, released
-    after, and traced for prefetching, ~60 passes through that bookkeeping a step for the 12.5M
-    benchmark Llama (with DeepSpeed's threshold only norms are whole: a 320 x 320 projection already
-    has 102,400 elements). `auto` on CPU (gloo, parameters not offloaded) keeps every parameter up to
-    `CPU_WHOLE_PARAM_ELEMENTS` whole: the hooks find nothing to fetch, gradients and optimizer state
-    stay partitioned (one reduce-scatter per step, one gather of the updated parameters after the
-    optimizer, as ZeRO-2), and checkpoints keep the same sharded layout. On GPU, NCCL gathers overlap
-    compute through prefetching and memory is the point of ZeRO-3, so DeepSpeed's default stays.
+    every partitioned parameter is fetched when its module's forward and backward begin, released after,
+    and traced for prefetching, ~60 passes through that bookkeeping a step for the 12.5M benchmark Llama
+    (with DeepSpeed's threshold only norms are whole: a 320 x 320 projection already has 102,400
+    elements). `auto` on CPU (gloo, parameters not offloaded) keeps every parameter up to
+    `CPU_WHOLE_PARAM_ELEMENTS` whole, and at most that many in all
+    (`stage3_model_persistence_threshold`, so a large model's memory is still partitioned; preflight
+    counts the whole ones): the hooks find nothing to fetch, gradients and optimizer state stay
+    partitioned (one reduce-scatter per step, one gather of the updated parameters after the optimizer,
+    as ZeRO-2), and checkpoints keep the same sharded layout. On GPU, NCCL gathers overlap compute
+    through prefetching and memory is the point of ZeRO-3, so DeepSpeed's default stays.
 
     Measured outside Ray (`python benchmarks/zero3_settings.py`: 12.5M Llama, 2 gloo processes x 1
     thread, micro batch 4; rank 0's CPU seconds per step after warm-up, median of 3 alternating
@@ -90,17 +93,31 @@ def zero3_persistence_threshold(cfg: TrainConfig) -> int | None:
 
     Wall seconds per step in run C (16 steps, quietest): 1.288 with the defaults, 1.231 kept whole
     (+5 %). Leaf modules (one hook per decoder layer instead of per Linear/Norm) add nothing once
-    nothing is partitioned, so they stay DeepSpeed's default. Inside Ray (`benchmarks/train_throughput.py
-    --sizes 12.5M --rounds 2`, light load from other jobs): 2 workers ZeRO-3 1,807 and 1,781 tokens/s
-    against plain PyTorch's 2,108 and 2,081 just before, 0.86x (0.81-0.82x with DeepSpeed's threshold
-    in earlier sessions; a one-round A/B there gave +2 %). The rest of ZeRO-3's gap on CPU is its
-    gradient partitioning and optimizer step over partitions, which this setting keeps.
+    nothing is partitioned, so they stay DeepSpeed's default. Inside Ray, alone on the machine
+    (`benchmarks/train_throughput.py --sizes 12.5M`, 3 rounds): 2 workers ZeRO-3 1,769 / 1,722 / 1,723
+    tokens/s against plain PyTorch's 2,100 / 2,110 / 2,064 just before, median 0.83x (0.81-0.82x with
+    DeepSpeed's threshold). The rest of the gap is data parallelism on two cores itself: kept whole,
+    a ZeRO-3 step out of Ray (about 0.99 CPU-s) is where ZeRO-1's was (1.01 s): the gradient
+    reduce-scatter and the gather after the optimizer, which no spare core can overlap with compute.
     """
     if cfg.zero_stage != 3:
-        return None
+        return {}
     if cfg.zero3_param_persistence_threshold != "auto":
-        return cfg.zero3_param_persistence_threshold
-    return None if cfg.use_gpu or cfg.offload_params else CPU_WHOLE_PARAM_ELEMENTS
+        return {"stage3_param_persistence_threshold": cfg.zero3_param_persistence_threshold}
+    if cfg.use_gpu or cfg.offload_params:
+        return {}
+    return {
+        "stage3_param_persistence_threshold": CPU_WHOLE_PARAM_ELEMENTS,
+        "stage3_model_persistence_threshold": CPU_WHOLE_PARAM_ELEMENTS,
+    }
+
+
+def zero3_whole_elements(cfg: TrainConfig, trainable: int) -> int:
+    """At most how many parameter elements ZeRO-3 keeps whole on each worker (for memory estimates):
+    DeepSpeed's own default keeps only tiny tensors (norms), counted as nothing here."""
+    persistence = zero3_persistence(cfg)
+    cap = persistence.get("stage3_model_persistence_threshold", trainable)
+    return min(trainable, cap) if persistence.get("stage3_param_persistence_threshold") else 0
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
@@ -122,9 +139,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = F
     if cfg.zero_stage == 3:
         # Export consolidates the fp32 shards offline (zero_to_fp32), so no 16-bit gather at save time.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-        persistence = zero3_persistence_threshold(cfg)
-        if persistence is not None:
-            zero["stage3_param_persistence_threshold"] = persistence
+        zero.update(zero3_persistence(cfg))
     optimizer_params: dict[str, Any] = {
         "lr": cfg.lr,
         "betas": list(cfg.betas),

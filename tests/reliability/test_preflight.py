@@ -216,6 +216,9 @@ def test_memory_estimate_follows_zero_stage_offload_and_micro_batch() -> None:
     z0 = estimate_memory(load_config(None, [*base, "train.zero_stage=0"]), 4, nodes)
     z3 = estimate_memory(load_config(None, [*base, "train.zero_stage=3"]), 4, nodes)
     assert z3.states_per_worker < z0.states_per_worker  # ZeRO-3 partitions the states over 4 workers
+    partitioned = [*base, "train.zero_stage=3", "train.zero3_param_persistence_threshold=0"]
+    split = estimate_memory(load_config(None, partitioned), 4, nodes)
+    assert z3.states_per_worker - split.states_per_worker == 4 * z3.trainable  # CPU keeps them whole
     off = estimate_memory(
         load_config(None, [*base, "train.offload_optimizer=true", "train.offload_params=true"]), 4, nodes
     )

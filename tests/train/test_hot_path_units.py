@@ -10,7 +10,7 @@ from rich.console import Console
 
 from cluster.config import load_config
 from jobs.config import TrainConfig
-from jobs.deepspeed_config import deepspeed_config, loop_clips_gradients
+from jobs.deepspeed_config import deepspeed_config, loop_clips_gradients, zero3_whole_elements
 from jobs.metrics import (
     MetricsWriter,
     NullWriter,
@@ -117,7 +117,12 @@ def test_fp32_zero0_clips_in_the_loop_not_in_deepspeed():
 
 def test_zero3_keeps_a_small_model_whole_on_cpu_only():
     zero = lambda cfg: deepspeed_config(cfg, 2)["zero_optimization"]  # noqa: E731
-    assert zero(TrainConfig())["stage3_param_persistence_threshold"] == 50_000_000  # CPU ZeRO-3 auto
+    cpu_auto = zero(TrainConfig())
+    assert cpu_auto["stage3_param_persistence_threshold"] == 50_000_000  # each parameter
+    assert cpu_auto["stage3_model_persistence_threshold"] == 50_000_000  # and in all: a big model partitions
+    assert zero3_whole_elements(TrainConfig(), 12_500_000) == 12_500_000
+    assert zero3_whole_elements(TrainConfig(), 7_000_000_000) == 50_000_000
+    assert zero3_whole_elements(TrainConfig(use_gpu=True), 12_500_000) == 0
     for deepspeed_default in (TrainConfig(use_gpu=True), TrainConfig(offload_params=True),
                               TrainConfig(zero_stage=1)):
         assert "stage3_param_persistence_threshold" not in zero(deepspeed_default), deepspeed_default
