@@ -330,7 +330,6 @@ def main() -> None:
         )
         ensure_ray(ClusterConfig())
         print(parallelism(args.tasks))
-        td = None
         for i in range(1, args.rounds + 1):
             td = None  # the round before has ended, as a user's run that starts a new one has
             plain_tokens, plain_s = plain(paths, tok_dir / "tokenizer.json", args.batch_size)
