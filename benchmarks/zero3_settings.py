@@ -41,12 +41,18 @@ SETTINGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "granularity_1e9": ({"stage3_module_granularity_threshold": 10**9}, []),
     "persist_5e7": ({"stage3_param_persistence_threshold": 5 * 10**7}, []),
     "persist+leaf_layers": ({"stage3_param_persistence_threshold": 5 * 10**7}, ["LlamaDecoderLayer"]),
+    "persist+native_linear": ({"stage3_param_persistence_threshold": 5 * 10**7,
+                               "memory_efficient_linear": False}, []),
+    "persist+native_linear+leaf_layers": ({"stage3_param_persistence_threshold": 5 * 10**7,
+                                           "memory_efficient_linear": False}, ["LlamaDecoderLayer"]),
     "no_prefetch": ({"stage3_prefetch_bucket_size": 0}, []),
     "persist+no_prefetch": ({"stage3_param_persistence_threshold": 5 * 10**7,
                              "stage3_prefetch_bucket_size": 0}, []),
     "big_buckets": ({"reduce_bucket_size": 10**9, "allgather_bucket_size": 10**9}, []),
     "allreduce_fetch": ({"stage3_use_all_reduce_for_fetch_params": True}, []),
     "leaf_layers+no_prefetch": ({"stage3_prefetch_bucket_size": 0}, ["LlamaDecoderLayer"]),
+    # Not ZeRO-3: the data-parallel floor (gradients all-reduced, optimizer state partitioned).
+    "zero1": ({"stage": 1}, []),
 }
 
 
@@ -65,8 +71,9 @@ def _worker(rank: int, port: int, setting: str, steps: int, out: Any) -> None:
     cfg = load_config(None, ["train.zero_stage=3", f"train.micro_batch_size={MICRO}"]).train
     ds = deepspeed_config(cfg, WORKERS)
     overrides, leaves = SETTINGS[setting]
-    # Start from DeepSpeed's own defaults, not raylm's CPU choice of persistence threshold.
-    ds["zero_optimization"].pop("stage3_param_persistence_threshold", None)
+    # Start from DeepSpeed's own defaults, not raylm's CPU choice of persistence thresholds.
+    for key in ("stage3_param_persistence_threshold", "stage3_model_persistence_threshold"):
+        ds["zero_optimization"].pop(key, None)
     ds["zero_optimization"].update(overrides)
     importlib.import_module("torch._dynamo")
     keep = HfDeepSpeedConfig(ds)  # noqa: F841 - makes from_config build under zero.Init
