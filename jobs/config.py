@@ -65,6 +65,10 @@ class TrainConfig(ScheduleConfig):
         "(DeepSpeed's stage3_param_persistence_threshold); auto = 5e7 on CPU (a small model is kept "
         "whole, gradients and optimizer state stay partitioned), DeepSpeed's 1e5 on GPU"
     )
+    zero3_leaf_modules: Literal["auto", "layers", "none"] = Field(
+        "auto", description="ZeRO-3 hooks: layers = one fetch/release per transformer block instead of per "
+        "Linear/Norm (fewer hooks a step); auto = layers on CPU, none (DeepSpeed's default) on GPU"
+    )
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

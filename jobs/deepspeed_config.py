@@ -7,9 +7,12 @@ arithmetic and the optimizer choice can be reasoned about (and tested) in one sp
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -93,7 +96,8 @@ def zero3_persistence(cfg: TrainConfig) -> dict[str, int]:
 
     Wall seconds per step in run C (16 steps, quietest): 1.288 with the defaults, 1.231 kept whole
     (+5 %). Leaf modules (one hook per decoder layer instead of per Linear/Norm) add nothing once
-    nothing is partitioned, so they stay DeepSpeed's default. Inside Ray, alone on the machine
+    nothing is partitioned under load; alone on the machine they gave +3 % on top (see
+    `zero3_leaf_classes`). Inside Ray, alone on the machine, before leaf modules
     (`benchmarks/train_throughput.py --sizes 12.5M`, 3 rounds): 2 workers ZeRO-3 1,769 / 1,722 / 1,723
     tokens/s against plain PyTorch's 2,100 / 2,110 / 2,064 just before, median 0.83x (0.81-0.82x with
     DeepSpeed's threshold). The rest of the gap is data parallelism on two cores itself: kept whole,
@@ -118,6 +122,46 @@ def zero3_whole_elements(cfg: TrainConfig, trainable: int) -> int:
     persistence = zero3_persistence(cfg)
     cap = persistence.get("stage3_model_persistence_threshold", trainable)
     return min(trainable, cap) if persistence.get("stage3_param_persistence_threshold") else 0
+
+
+def zero3_leaf_classes(cfg: TrainConfig, model: torch.nn.Module) -> list[str]:
+    """Module classes ZeRO-3 treats as leaves (`train.zero3_leaf_modules`): hooked as one unit.
+
+    ZeRO-3 hooks every submodule that holds parameters: before its forward and backward it fetches
+    (all-gathers) them, after it releases them, and each step it traces the order to prefetch. For a
+    Llama that is ~10 modules per decoder layer (4 attention projections, 3 MLP projections, 2 norms,
+    the blocks around them), each a pass through Python bookkeeping. A leaf module is fetched and
+    released as a whole and its gradients reduced by one hook after its backward, so `layers` (the
+    model's own transformer block, `_no_split_modules` in transformers) leaves ~1 hooked module per
+    layer. Numerics are unchanged: the same gathers of the same parameters, fewer calls.
+
+    `auto` chooses `layers` for ZeRO-3 on CPU, where that host work is not hidden behind compute:
+    measured outside Ray alone on the machine (benchmarks/zero3_settings.py, 12.5M Llama, 2 gloo
+    processes x 1 thread, 2 cores, parameters kept whole by `zero3_persistence`), CPU s/step 1.044 ->
+    1.005 and 1.012 -> 0.986 in two alternating rounds (+3 %), identical losses; in Ray
+    (`train_throughput.py --sizes 12.5M`, alone) 2 workers ZeRO-3 went from 0.83x to 0.85x of plain
+    PyTorch (median of 3; rounds 0.87 / 0.85 / 0.85x). On GPU DeepSpeed's per-module granularity stays
+    (prefetching overlaps gathers with compute there; not measured here). `auto` also stays off where
+    leaves are not exercised by the tests: offloaded parameters, activation checkpointing (recomputation
+    inside a leaf's backward hook), encoder-decoder models and partly frozen models (LoRA).
+    """
+    choice = cfg.zero3_leaf_modules
+    if cfg.zero_stage != 3 or choice == "none":
+        return []
+    frozen = any(not p.requires_grad for p in model.parameters())
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if choice == "auto" and (
+        cfg.use_gpu or cfg.offload_params or cfg.activation_checkpointing or frozen or encoder_decoder
+    ):
+        return []
+    present = {type(m).__name__ for m in model.modules()}
+    blocks = [name for name in getattr(model, "_no_split_modules", None) or [] if name in present]
+    if not blocks and choice == "layers":
+        raise ValueError(
+            f"train.zero3_leaf_modules layers: {type(model).__name__} names no transformer block class "
+            "(transformers' _no_split_modules); allowed for this model: auto, none"
+        )
+    return blocks
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:

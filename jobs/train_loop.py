@@ -52,7 +52,7 @@ from jobs.checkpointing import (
     write_meta,
 )
 from jobs.config import TrainConfig
-from jobs.deepspeed_config import deepspeed_config, loop_clips_gradients, lr_lambda
+from jobs.deepspeed_config import deepspeed_config, loop_clips_gradients, lr_lambda, zero3_leaf_classes
 from jobs.metrics import MetricsWriter, ProgressTail, log_launch, mfu, peak_flops
 from jobs.model import FlopsSpec, count_params
 
@@ -273,6 +273,9 @@ class _Worker:
             model.gradient_checkpointing_enable()
         self.hf_config = getattr(model, "config", None)
         self.flops = FlopsSpec.of(self.hf_config, count_params(model), spec.seq_len)
+        self.zero3_leaves = zero3_leaf_classes(self.cfg, model)
+        if self.zero3_leaves:  # before initialize: ZeRO-3 places its hooks by these flags
+            deepspeed.utils.set_z3_leaf_modules(model, self.zero3_leaves)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=_param_groups(model, self.cfg.weight_decay),
@@ -516,6 +519,7 @@ class _Worker:
             whole_params=self.whole_params,
             flops_per_token=self.flops.flops_per_token(),
             peak_flops=self.peak_flops,
+            zero3_leaf_modules=self.zero3_leaves,
             data_position={"epoch": self.epoch, "micro_batches_in_epoch": self.micro_in_epoch},
         )
 

@@ -10,7 +10,12 @@ from rich.console import Console
 
 from cluster.config import load_config
 from jobs.config import TrainConfig
-from jobs.deepspeed_config import deepspeed_config, loop_clips_gradients, zero3_whole_elements
+from jobs.deepspeed_config import (
+    deepspeed_config,
+    loop_clips_gradients,
+    zero3_leaf_classes,
+    zero3_whole_elements,
+)
 from jobs.metrics import (
     MetricsWriter,
     NullWriter,
@@ -135,3 +140,32 @@ def test_zero3_persistence_threshold_errors_name_the_field():
         with pytest.raises(Exception, match=r"train.zero3_param_persistence_threshold.*'auto'") as err:
             load_config(None, [f"train.zero3_param_persistence_threshold={bad}"])
         assert bad in str(err.value)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=32))
+
+
+def test_zero3_leaf_modules_are_decoder_layers_on_cpu_only():
+    model = _tiny_llama()
+    assert zero3_leaf_classes(TrainConfig(), model) == ["LlamaDecoderLayer"]  # CPU ZeRO-3 auto
+    assert zero3_leaf_classes(TrainConfig(use_gpu=True, zero3_leaf_modules="layers"), model) == [
+        "LlamaDecoderLayer"]
+    for off in (TrainConfig(use_gpu=True), TrainConfig(zero_stage=1), TrainConfig(zero3_leaf_modules="none"),
+                TrainConfig(activation_checkpointing=True), TrainConfig(offload_params=True)):
+        assert zero3_leaf_classes(off, model) == [], off
+    model.model.embed_tokens.weight.requires_grad_(False)  # partly frozen (as LoRA leaves a model)
+    assert zero3_leaf_classes(TrainConfig(), model) == []
+
+
+def test_zero3_leaf_layers_without_a_block_class_names_the_field():
+    import torch
+
+    with pytest.raises(ValueError, match=r"zero3_leaf_modules layers: .*allowed for this model: auto, none"):
+        zero3_leaf_classes(TrainConfig(zero3_leaf_modules="layers"), torch.nn.Linear(2, 2))
+    assert zero3_leaf_classes(TrainConfig(), torch.nn.Linear(2, 2)) == []
+    with pytest.raises(Exception, match=r"train.zero3_leaf_modules.*'auto', 'layers' or 'none'"):
+        load_config(None, ["train.zero3_leaf_modules=blocks"])

@@ -10,13 +10,13 @@ from jobs.pretrain import train
 from jobs.train_loop import PROBE_FILE
 from tests.train.conftest import SEQ_LEN, datasets, tiny_config
 
+ZERO3 = {"train.zero_stage": 3, "train.max_steps": 30, "train.eval_every": 15, "train.checkpoint_every": 15,
+         "train.lr": 3e-3}
+
 
 @pytest.fixture(scope="module")
 def zero3_run(ray_cluster, blocks, char_tokenizer, tmp_path_factory):
-    cfg = tiny_config(tmp_path_factory.mktemp("runs"), "zero3", **{
-        "train.zero_stage": 3, "train.max_steps": 30, "train.eval_every": 15, "train.checkpoint_every": 15,
-        "train.lr": 3e-3,
-    })
+    cfg = tiny_config(tmp_path_factory.mktemp("runs"), "zero3", **ZERO3)
     train_ds, val_ds = datasets(blocks)
     return cfg, train(cfg, train_ds, val_ds, str(char_tokenizer), SEQ_LEN, progress=False)
 
@@ -55,6 +55,26 @@ def test_export_round_trip_same_logits(zero3_run):
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_zero3_leaf_layers_keep_the_loss_curve(zero3_run, char_tokenizer, blocks, tmp_path):
+    """On CPU ZeRO-3 hooks whole decoder layers (`zero3_leaf_modules` auto); per-module hooks (none)
+    must train the same steps to the same losses: fewer hook calls, same gathers and arithmetic."""
+    _, result = zero3_run
+    start = next(r for r in result.metrics if r["event"] == "start")
+    assert start["zero3_leaf_modules"] == ["LlamaDecoderLayer"]
+    per_module = tiny_config(tmp_path, "zero3-per-module", **{
+        **ZERO3, "train.zero3_leaf_modules": "none", "train.eval_every": 10**6,
+        "train.checkpoint_every": 10**6})
+    train_ds, val_ds = datasets(blocks)
+    again = train(per_module, train_ds, val_ds, str(char_tokenizer), SEQ_LEN, export_model=False,
+                  progress=False)
+    assert next(r for r in again.metrics if r["event"] == "start")["zero3_leaf_modules"] == []
+    losses = lambda res: {r["step"]: r["loss"] for r in res.metrics if r["event"] == "train"}  # noqa: E731
+    leaf, module = losses(result), losses(again)
+    assert list(module) == list(range(1, 31)) and list(leaf) == list(module)
+    for step, loss in leaf.items():
+        assert abs(module[step] - loss) <= 1e-6 * abs(loss), (step, loss, module[step])
 
 
 def test_one_worker_without_zero_learns_and_reports_grad_norm(ray_cluster, blocks, char_tokenizer, tmp_path):
