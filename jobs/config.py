@@ -62,8 +62,8 @@ class TrainConfig(ScheduleConfig):
     zero_stage: Literal[0, 1, 2, 3] = 3
     zero3_param_persistence_threshold: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
         "auto", description="ZeRO-3: parameters of at most this many elements stay whole on every worker "
-        "(DeepSpeed's stage3_param_persistence_threshold); auto = 5e7 on CPU (a small model is kept "
-        "whole, gradients and optimizer state stay partitioned), DeepSpeed's 1e5 on GPU"
+        "(DeepSpeed's stage3_param_persistence_threshold); auto = 5e7 on CPU, each and in all (a small "
+        "model is kept whole, gradients and optimizer state stay partitioned), DeepSpeed's 1e5 on GPU"
     )
     zero3_leaf_modules: Literal["auto", "layers", "none"] = Field(
         "auto", description="ZeRO-3 hooks: layers = one fetch/release per transformer block instead of per "
