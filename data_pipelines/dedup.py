@@ -171,6 +171,13 @@ class DedupPartition(RangeCounts):
         async with before:
             before.notify_all()
 
+    async def end(self, run: int) -> None:
+        """Run `run` ended: free its table now rather than when the next run starts, unless this
+        partition serves a later run already. The check matters because an async actor does not keep
+        call order: the next run's `start`, sent after this call, may execute before it."""
+        if self.run == run:
+            await self.start(0)
+
     def _reset(self, run: int, ranges: int) -> None:
         RangeCounts.__init__(self, run)
         self.first = FirstPositions()
@@ -250,7 +257,7 @@ class DedupIndex:
             DedupPartition.options(scheduling_strategy="SPREAD").remote(ranges, self.run)
             for _ in range(partitions - len(self.actors))
         ]
-        weakref.finalize(self, _release, session, list(self.actors))
+        weakref.finalize(self, _release, session, self.run, list(self.actors))
         _LIVE.add(self)
 
     def first_occurrences(self, range_index: int, hashes: np.ndarray, doc_index: np.ndarray) -> np.ndarray:
@@ -307,15 +314,15 @@ def _reuse(session: str, partitions: int, run: int, ranges: int) -> list[ray.act
     return taken
 
 
-def _release(session: str, actors: list[ray.actor.ActorHandle]) -> None:
-    """A run's index was garbage-collected: empty its partitions and keep them for the next run."""
+def _release(session: str, run: int, actors: list[ray.actor.ActorHandle]) -> None:
+    """Run `run`'s index was garbage-collected: empty its partitions and keep them for the next run."""
     try:
         if not ray.is_initialized() or _session() != session:
             return  # the session is gone; its actors went with it
         idle = _IDLE.setdefault(session, [])
         for actor in actors:
             if len(idle) < _MAX_IDLE:
-                actor.start.remote(0)  # frees the table now, not when the next run starts
+                actor.end.remote(run)  # frees the table now, not when the next run starts
                 idle.append(actor)
             else:
                 ray.kill(actor)

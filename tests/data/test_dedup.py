@@ -85,6 +85,23 @@ def test_the_next_run_reuses_an_ended_runs_partitions_emptied_and_refuses_its_st
     assert ray.get(second.ledger.stats.remote()) == {}
 
 
+def test_an_ended_runs_late_end_leaves_the_next_run_its_partition(ray_cluster):
+    """An async actor does not keep call order: the `end` an ended run's finaliser sends may execute
+    after the next run's `start`, sent later. It must not empty the partition under the next run (CI
+    once failed with "hashes of run 10 sent to a dedup partition now serving run 0")."""
+    hashes = np.random.default_rng(4).integers(-(1 << 63), (1 << 63) - 1, 20, dtype=np.int64)
+    actor = DedupPartition.remote(2, 5)
+    ray.get(actor.first_occurrences.remote(0, hashes, np.arange(20), 5))
+    ray.get(actor.start.remote(6, 2))  # the next run took the partition ...
+    ray.get(actor.end.remote(5))  # ... before run 5's end executed
+    assert ray.get(actor.first_occurrences.remote(0, hashes, np.arange(20), 6)).all()
+    assert ray.get(actor.memory.remote())["entries"] == 20  # run 6's hashes are still there
+    ray.get(actor.end.remote(6))  # its own end empties it
+    assert ray.get(actor.memory.remote())["entries"] == 0
+    with pytest.raises(StaleRunError):
+        ray.get(actor.first_occurrences.remote(1, hashes, np.arange(20), 6))
+
+
 def test_a_lost_partition_fails_the_range_with_what_to_change(ray_cluster):
     index = DedupIndex(2)
     ray.kill(index.actors[1])
