@@ -5,6 +5,7 @@ error when a partition is lost."""
 from __future__ import annotations
 
 import gc
+import time
 import traceback
 
 import numpy as np
@@ -102,9 +103,23 @@ def test_an_ended_runs_late_end_leaves_the_next_run_its_partition(ray_cluster):
         ray.get(actor.first_occurrences.remote(1, hashes, np.arange(20), 6))
 
 
+def _kill(actor: ray.actor.ActorHandle) -> None:
+    """Kill a partition and wait until it is dead: `ray.kill` only asks the GCS, and a call sent to a
+    partition that is up already (one reused from an earlier run) can still be answered meanwhile."""
+    ray.kill(actor)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.memory.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed partition still answers")
+
+
 def test_a_lost_partition_fails_the_range_with_what_to_change(ray_cluster):
     index = DedupIndex(2)
-    ray.kill(index.actors[1])
+    _kill(index.actors[1])
     with pytest.raises(DedupPartitionLostError, match=r"data\.dedup_partitions = 2.*memory"):
         hashes = np.random.default_rng(2).integers(-(1 << 63), (1 << 63) - 1, 50, dtype=np.int64)
         index.first_occurrences(0, hashes, np.arange(50))
@@ -117,7 +132,7 @@ def test_a_run_whose_partition_died_stops_with_that_error(
     computed without the lost hashes come out as if nothing happened."""
     cfg = small_cfg.model_copy(update={"paths": [str(broken_corpus)], "dedup_partitions": 2})
     td = token_datasets(cfg, char_tok, str(tmp_path / "run"))
-    ray.kill(td.dedup.actors[0])
+    _kill(td.dedup.actors[0])
     with pytest.raises(Exception) as failure:  # noqa: PT011 - Ray Data wraps the task's error
         td.train.materialize()
     text = "".join(traceback.format_exception(failure.value))
