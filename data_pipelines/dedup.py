@@ -40,7 +40,7 @@ import weakref
 import numpy as np
 import ray
 
-from data_pipelines.stats import RangeCounts, StaleRunError
+from data_pipelines.stats import RangeCounts
 
 PEAK_ENTRY_BYTES = 96  # 16-byte slots, at most half taken; old + new table while doubling
 WAIT_S = 600.0
@@ -192,7 +192,7 @@ class DedupPartition(RangeCounts):
         """Record the hashes of one range's documents (their indices within the range in
         `doc_index`); once ranges < range_index have reported, return, per document, whether it is
         its hash's first occurrence."""
-        self._check(run)
+        self.check_run(run, "hashes")
         hashes = np.ascontiguousarray(hashes, dtype=np.int64)
         positions = (np.int64(range_index) << _RANGE_SHIFT) + doc_index.astype(np.int64)
         if self.ranges and not self.reported:
@@ -216,14 +216,10 @@ class DedupPartition(RangeCounts):
                     f"range {range_index} waited {WAIT_S:.0f} s for range {self.contiguous} to report "
                     "its document hashes (did its task fail?)"
                 ) from None
-        self._check(run)
+        self.check_run(run, "hashes")
         if self.first.generation != generation:  # the table grew while this range waited
             slots = self.first.slots(hashes, claim=False)
         return self.first.table[slots, 1] == positions
-
-    def _check(self, run: int) -> None:
-        if run != self.run:
-            raise StaleRunError(f"hashes of run {run} sent to a dedup partition now serving run {self.run}")
 
     def memory(self) -> dict[str, int]:
         """Unique hashes held, the bytes of the table holding them, and this process's resident and

@@ -111,9 +111,13 @@ class RangeCounts:
     def add(self, split: str, range_index: int, counts: dict[str, Any], run: int = 0) -> None:
         """Record one range's counts; a report from another run (a task of an abandoned run still
         going after its partitions were handed to the next run) is refused."""
-        if run != self.run:
-            raise StaleRunError(f"counts of run {run} sent to a ledger now counting run {self.run}")
+        self.check_run(run, "counts")
         self._ranges.setdefault(split, {})[range_index] = counts
+
+    def check_run(self, run: int, what: str) -> None:
+        """Refuse `what` (counts, hashes) of run `run` unless this actor serves that run now."""
+        if run != self.run:
+            raise StaleRunError(f"{what} of run {run} sent to an actor now serving run {self.run}")
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per split, the counts summed over the ranges reported so far."""
